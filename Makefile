@@ -1,0 +1,47 @@
+# Every target is listed by `make help`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+.PHONY: install
+install: $(STAMP) ## Create the virtual environment and install the platform and its test tools
+
+.PHONY: run
+run: install ## Start web (:8000), worker, beat and Flower (:5555) in the foreground; Ctrl-C stops all
+	$(BIN)/python -m deploy.launch
+
+.PHONY: test
+test: install ## Run the whole test suite (needs Redis and MariaDB; see README)
+	$(BIN)/python -m pytest
+
+.PHONY: lint
+lint: install ## Check style and complexity with ruff
+	$(BIN)/ruff check webapp tasks models deploy bench tests
+
+.PHONY: models
+models: install ## Retrain and export the reference models (installs the train extra)
+	$(BIN)/pip install --quiet -e '.[test,train]'
+	$(BIN)/python -m models.training
+
+.PHONY: bench
+bench: install ## Run the HTTP benchmark against in-process onnxruntime and a FastAPI baseline
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python -m bench.http
+
+.PHONY: clean
+clean: ## Remove the virtual environment and caches
+	rm -rf $(VENV) .pytest_cache .ruff_cache

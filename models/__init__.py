@@ -1,0 +1,36 @@
+"""Model repository and runtime: specs, versioned ONNX artefacts, sessions and the prediction entry point.
+
+This package is the service layer both the web process and the workers call. It imports neither Flask,
+Celery, Redis nor SQLAlchemy.
+"""
+
+from models.config import Settings
+from models.errors import (
+    InferenceFailed,
+    InputTooLarge,
+    InvalidInput,
+    ModelError,
+    ModelNotFound,
+    ModelNotReady,
+    SpecError,
+    VersionNotFound,
+)
+from models.inference import predict, prepare
+from models.registry import Model, ModelVersion, Registry
+
+__all__ = [
+    "InferenceFailed",
+    "InputTooLarge",
+    "InvalidInput",
+    "Model",
+    "ModelError",
+    "ModelNotFound",
+    "ModelNotReady",
+    "ModelVersion",
+    "Registry",
+    "Settings",
+    "SpecError",
+    "VersionNotFound",
+    "predict",
+    "prepare",
+]

@@ -1,0 +1,69 @@
+"""The one prediction entry point that the web process and every worker call."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from models import postprocess, tensor
+from models.errors import InvalidInput
+from models.registry import ModelVersion
+from models.tensor import TensorSpec
+
+
+def predict(version: ModelVersion, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Check inputs against the spec, preprocess images, run the graph and derive outputs."""
+    feeds = prepare(version, inputs)
+    return postprocess.derive(version.spec, version.session.run(feeds))
+
+
+def prepare(version: ModelVersion, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Turn client arrays into the exact feeds the graph takes, or raise InvalidInput saying why."""
+    spec = version.spec
+    unknown = set(inputs) - {t.name for t in spec.inputs}
+    if unknown:
+        raise InvalidInput(f"unknown input {sorted(unknown)[0]!r}; model {spec.name!r} takes "
+                           f"{', '.join(repr(t.name) for t in spec.inputs)}")
+    feeds: dict[str, np.ndarray] = {}
+    for t in spec.inputs:
+        if t.name not in inputs:
+            raise InvalidInput(f"missing input {t.name!r} {t.dtype.name} {t.shape_text()}")
+        feeds[t.name] = _feed(t, inputs[t.name], version.max_image_pixels)
+    rows = {len(f) for f in feeds.values()}
+    if len(rows) > 1:
+        raise InvalidInput(f"inputs disagree on the batch size: {sorted(rows)}")
+    if rows and max(rows) > spec.options.max_instances:
+        raise InvalidInput(f"{max(rows)} rows in one request; model {spec.name!r} takes at most "
+                           f"{spec.options.max_instances}")
+    return feeds
+
+
+def _feed(t: TensorSpec, value: np.ndarray, max_pixels: int) -> np.ndarray:
+    where = f"input {t.name!r}"
+    if t.image is not None and value.dtype == object and not t.dtype.is_bytes:
+        value = _images(t, value, max_pixels, where)
+    else:
+        value = tensor.cast(value, t.dtype, where)
+    tensor.check(value, t, where)
+    return value
+
+
+def _images(t: TensorSpec, value: np.ndarray, max_pixels: int, where: str) -> np.ndarray:
+    if value.ndim == 2 and value.shape[1] == 1:
+        value = value[:, 0]
+    if value.ndim != 1:
+        raise InvalidInput(f"{where}: expected a list of encoded images, got shape {list(value.shape)}")
+    items = []
+    for i, data in enumerate(value):
+        try:
+            items.append(t.image.tensor(data, max_pixels))
+        except InvalidInput as exc:
+            raise InvalidInput(f"{where}[{i}]: {exc}") from None
+    batch = np.stack(items) if items else np.empty((0, *t.image.item_shape), np.float32)
+    batch = batch.reshape((len(items), *t.shape[1:]))
+    target = t.dtype.numpy
+    if target.kind in "iub":
+        info = np.iinfo(target) if target.kind != "b" else np.iinfo(np.uint8)
+        batch = np.clip(np.rint(batch), info.min, info.max)
+    return batch.astype(target)

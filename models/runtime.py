@@ -1,0 +1,105 @@
+"""onnxruntime sessions: created lazily, once per process and after fork, checked against the spec."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from models.errors import InvalidInput, ModelNotReady, SpecError
+from models.spec import ModelSpec
+from models.tensor import TensorSpec
+
+log = logging.getLogger(__name__)
+ARTEFACT = "model.onnx"
+
+
+class Session:
+    """One versioned artefact's onnxruntime session, made on first use in this process."""
+
+    def __init__(self, spec: ModelSpec, path: Path, intra_op_threads: int):
+        self.spec, self.path = spec, path
+        self.intra_op_threads = spec.options.intra_op_threads or intra_op_threads
+        self._session: ort.InferenceSession | None = None
+        self._error: str | None = None
+        self._lock = threading.Lock()
+        self._output_names = [o.name for o in spec.runtime_outputs]
+
+    @property
+    def error(self) -> str | None:
+        """Why the artefact cannot serve, once a load has failed."""
+        return self._error
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the session exists in this process."""
+        return self._session is not None
+
+    def load(self) -> ort.InferenceSession:
+        """Create the session if needed; raise ModelNotReady if the artefact is broken."""
+        session = self._session
+        if session is not None:
+            return session
+        with self._lock:
+            if self._session is None and self._error is None:
+                try:
+                    self._session = self._create()
+                except SpecError as exc:
+                    self._error = str(exc)
+                except Exception as exc:  # onnxruntime raises its own exception types
+                    self._error = str(SpecError(self.path, "", f"cannot be loaded ({exc})"))
+                if self._error:
+                    log.error("model %s: %s", self.spec.name, self._error)
+            if self._session is None:
+                raise ModelNotReady(f"model {self.spec.name!r} cannot serve: {self._error}")
+            return self._session
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the graph on checked inputs; a runtime refusal is the client's input error."""
+        session = self.load()
+        try:
+            results = session.run(self._output_names, feeds)
+        except Exception as exc:
+            log.warning("model %s rejected an input: %s", self.spec.name, exc)
+            raise InvalidInput(f"the model rejected the input: {_short(exc)}") from None
+        return dict(zip(self._output_names, results))
+
+    def _create(self) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.intra_op_threads
+        options.inter_op_num_threads = self.spec.options.inter_op_threads
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        _match(self.path, "inputs", self.spec.inputs, session.get_inputs())
+        _match(self.path, "outputs", self.spec.runtime_outputs, session.get_outputs())
+        log.info("model %s: loaded %s", self.spec.name, self.path)
+        return session
+
+
+def _match(path: Path, kind: str, declared: tuple[TensorSpec, ...], actual: list) -> None:
+    """Check the artefact's inputs or outputs against the spec's declaration."""
+    found = {a.name: a for a in actual}
+    if set(found) != {d.name for d in declared}:
+        raise SpecError(path, kind, f"the artefact's {kind} are {sorted(found)}, "
+                                    f"the spec declares {sorted(d.name for d in declared)}")
+    for d in declared:
+        a = found[d.name]
+        if a.type != d.dtype.onnx:
+            raise SpecError(path, f"{kind}.{d.name}", f"is {a.type} in the artefact, {d.dtype.name} in the spec")
+        if not _dims_fit(d.shape, a.shape):
+            raise SpecError(path, f"{kind}.{d.name}", f"has shape {a.shape} in the artefact, "
+                                                       f"{d.shape_text()} in the spec")
+
+
+def _dims_fit(declared: tuple[int, ...], actual: list) -> bool:
+    if len(declared) != len(actual):
+        return False
+    return all(not isinstance(a, int) or a == d for d, a in zip(declared, actual))
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).split(" : ", 1)[-1]
+    return text if len(text) < 300 else text[:300] + "..."

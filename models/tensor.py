@@ -1,0 +1,94 @@
+"""Turning client values into checked numpy arrays of the dtype and shape a model declares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.dtype import DType
+from models.errors import InvalidInput
+from models.image import ImagePipeline
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One declared input or output: name, element type and shape (-1 where any size goes)."""
+
+    name: str
+    dtype: DType
+    shape: tuple[int, ...]
+    description: str = ""
+    allow_nonfinite: bool = False
+    image: ImagePipeline | None = None
+    derive: str | None = None
+    source: str | None = None
+
+    def shape_text(self) -> str:
+        """The shape as clients read it in messages, e.g. [-1, 4]."""
+        return "[" + ", ".join(str(d) for d in self.shape) + "]"
+
+
+def from_values(values: object, dtype: DType, where: str) -> np.ndarray:
+    """Convert (nested) JSON numbers or strings to an array of `dtype`, refusing lossy conversions."""
+    if dtype.is_bytes:
+        return _bytes_array(values, where)
+    try:
+        array = np.asarray(values)
+    except (ValueError, TypeError, OverflowError):
+        raise InvalidInput(f"{where}: nested lists are ragged or mix types") from None
+    return cast(array, dtype, where)
+
+
+def cast(array: np.ndarray, dtype: DType, where: str) -> np.ndarray:
+    """Cast an inferred array to `dtype` when no value changes meaning; raise InvalidInput otherwise."""
+    kind, target = array.dtype.kind, dtype.numpy
+    if array.dtype == target:
+        return array
+    if kind not in "biuf" or (kind == "b") != (target.kind == "b"):
+        found = "booleans" if kind == "b" else "text" if kind in "USO" else f"{array.dtype} values"
+        raise InvalidInput(f"{where}: expected {dtype.name} values, got {found}")
+    if target.kind in "iu":
+        if kind == "f" and not (np.isfinite(array).all() and (array == np.round(array)).all()):
+            raise InvalidInput(f"{where}: expected {dtype.name} values, got numbers with a fraction")
+        info = np.iinfo(target)
+        if array.size and (array.min() < info.min or array.max() > info.max):
+            raise InvalidInput(f"{where}: values out of the {dtype.name} range")
+    return array.astype(target)
+
+
+def check(array: np.ndarray, spec: TensorSpec, where: str) -> None:
+    """Check an array's shape against the declaration and, for floats, that values are finite."""
+    if array.ndim != len(spec.shape) or any(d not in (-1, a) for d, a in zip(spec.shape, array.shape)):
+        got = list(array.shape)
+        raise InvalidInput(f"{where}: expected shape {spec.shape_text()}, got {got}")
+    if spec.dtype.is_float and not spec.allow_nonfinite and not np.isfinite(array).all():
+        raise InvalidInput(f"{where}: NaN or infinite values (or values out of the {spec.dtype.name} range)")
+
+
+def _bytes_array(values: object, where: str) -> np.ndarray:
+    shape: list[int] = []
+    flat = _flatten_bytes(values, 0, shape, where)
+    array = np.empty(len(flat), dtype=object)
+    array[:] = flat
+    return array.reshape(shape[:-1] if shape and shape[-1] == -1 else shape)
+
+
+def _flatten_bytes(value: object, depth: int, shape: list[int], where: str) -> list[bytes]:
+    """Flatten nested strings, recording each depth's length in `shape` (-1 marks the leaves)."""
+    leaf = isinstance(value, bytes | str)
+    if not leaf and not isinstance(value, list | tuple):
+        raise InvalidInput(f"{where}: expected strings or base64 values, got {type(value).__name__}")
+    size = -1 if leaf else len(value)
+    if depth > 32:
+        raise InvalidInput(f"{where}: nested more than 32 levels deep")
+    if depth == len(shape):
+        shape.append(size)
+    elif shape[depth] != size:
+        raise InvalidInput(f"{where}: nested lists are ragged")
+    if leaf:
+        return [value.encode() if isinstance(value, str) else value]
+    out: list[bytes] = []
+    for item in value:
+        out.extend(_flatten_bytes(item, depth + 1, shape, where))
+    return out

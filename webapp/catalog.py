@@ -1,0 +1,55 @@
+"""The model catalogue (/v1/models) and the API's own description (/openapi.json)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response
+
+from models import Model
+from models.tensor import TensorSpec
+from webapp import openapi
+from webapp.repository import registry
+from webapp.responses import json_response
+
+bp = Blueprint("catalog", __name__)
+
+PATTERNS = ("serving-template", "web-single", "synchronous")
+"""Serving patterns every model takes part in."""
+
+
+@bp.get("/v1/models")
+def index() -> Response:
+    """Every servable model with its versions, signature and the patterns it supports."""
+    reg = registry()
+    return json_response({
+        "models": [_entry(m) for m in reg.models()],
+        "problems": sorted(reg.problems.values()),
+    })
+
+
+@bp.get("/openapi.json")
+def openapi_document() -> Response:
+    """The OpenAPI 3 description of this API."""
+    return json_response(openapi.document())
+
+
+def _entry(model: Model) -> dict:
+    spec = model.spec
+    return {
+        "name": spec.name,
+        "description": spec.description,
+        "versions": list(model.versions),
+        "default_version": model.default_number,
+        "inputs": [_tensor(t) for t in spec.inputs],
+        "outputs": [_tensor(t) for t in spec.outputs],
+        "labels": list(spec.labels),
+        "patterns": list(PATTERNS),
+    }
+
+
+def _tensor(t: TensorSpec) -> dict:
+    entry = {"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape)}
+    if t.description:
+        entry["description"] = t.description
+    if t.image is not None:
+        entry["accepts_images"] = True
+    return entry

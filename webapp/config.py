@@ -1,0 +1,25 @@
+"""Settings of the web process, read from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """Typed settings with safe development defaults; each maps to one environment variable."""
+
+    max_request_bytes: int = 32 * 1024 * 1024
+    """MAX_REQUEST_BYTES: largest request body, also once decompressed; larger bodies get 413."""
+    log_level: str = "INFO"
+    """LOG_LEVEL: level of the platform's own log lines."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> WebSettings:
+        """Read the settings from environment variables, falling back to the defaults."""
+        return cls(
+            max_request_bytes=int(env.get("MAX_REQUEST_BYTES", cls.max_request_bytes)),
+            log_level=env.get("LOG_LEVEL", cls.log_level).upper(),
+        )

@@ -1,0 +1,83 @@
+"""One table from error class to HTTP status, and the handlers that answer `{"error": ...}`."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
+
+import models
+from webapp.responses import json_response
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(Exception):
+    """A request the web layer refuses before any model is involved."""
+
+    status = 400
+
+
+class BadRequest(RequestError):
+    """Malformed body, missing field, wrong type."""
+
+
+class PayloadTooLarge(RequestError):
+    """A body over the configured limit, also once decompressed."""
+
+    status = 413
+
+
+class UnsupportedMediaType(RequestError):
+    """A content type or encoding the endpoint does not take."""
+
+    status = 415
+
+
+class Unavailable(RequestError):
+    """The service cannot answer now; the client may retry."""
+
+    status = 503
+
+
+STATUS: dict[type[Exception], int] = {
+    models.ModelNotFound: 404,
+    models.VersionNotFound: 404,
+    models.InvalidInput: 400,
+    models.InputTooLarge: 413,
+    models.ModelNotReady: 503,
+    models.InferenceFailed: 500,
+    models.SpecError: 500,
+}
+
+
+def status_of(exc: Exception) -> int:
+    """The HTTP status an error maps to."""
+    if isinstance(exc, RequestError):
+        return exc.status
+    return next((code for kind, code in STATUS.items() if isinstance(exc, kind)), 500)
+
+
+def register(app: Flask) -> None:
+    """Answer every error, ours, Werkzeug's and unexpected ones, as JSON."""
+    app.register_error_handler(RequestError, _known)
+    app.register_error_handler(models.ModelError, _known)
+    app.register_error_handler(HTTPException, _http)
+    app.register_error_handler(Exception, _unexpected)
+
+
+def _known(exc: Exception) -> Response:
+    return json_response({"error": str(exc)}, status_of(exc))
+
+
+def _http(exc: HTTPException) -> Response:
+    response = json_response({"error": exc.description or exc.name}, exc.code or 500)
+    if exc.code == 405 and exc.valid_methods:
+        response.headers["Allow"] = ", ".join(exc.valid_methods)
+    return response
+
+
+def _unexpected(exc: Exception) -> Response:
+    log.exception("unhandled error")
+    return json_response({"error": f"internal error: {type(exc).__name__}"}, 500)

@@ -1,0 +1,118 @@
+"""The OpenAPI 3.1 document of the HTTP API, served at /openapi.json and used by the fuzz tests."""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+ERROR = {"$ref": "#/components/schemas/Error"}
+NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict:
+    reasons = {400: "invalid request", 404: "unknown model or version", 413: "body or image too large",
+               415: "unsupported content type or encoding", 503: "not ready"}
+    return {str(c): _json(ERROR, reasons[c]) for c in codes}
+
+
+def _get(summary: str, schema: dict, *codes: int) -> dict:
+    return {"get": {"summary": summary, "responses": {"200": _json(schema, "OK"), **_errors(*codes)}}}
+
+
+def _post(summary: str, body: dict, schema: dict) -> dict:
+    return {"post": {
+        "summary": summary,
+        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
+        "responses": {"200": _json(schema, "OK"), **_errors(400, 404, 413, 415, 503)},
+    }}
+
+
+def _versioned(paths: dict, path: str, operation: dict, suffix: str = "") -> None:
+    """Add `path` and its `/versions/{version}` twin, with their path parameters."""
+    for template, params in ((path, [NAME]), (path + "/versions/{version}", [NAME, VERSION])):
+        paths[template + suffix] = {verb: {**op, "parameters": params} for verb, op in operation.items()}
+
+
+@cache
+def document() -> dict[str, Any]:
+    """The whole document."""
+    obj = {"type": "object"}
+    paths: dict[str, Any] = {
+        "/v1/models": _get("List models with versions, signatures and patterns", obj),
+        "/v2": _get("Server metadata", obj, 400),
+        "/v2/health/live": _get("Liveness", obj),
+        "/v2/health/ready": _get("Readiness", obj, 503),
+    }
+    _versioned(paths, "/v1/models/{name}", _get("Model version status", obj, 404, 503))
+    _versioned(paths, "/v1/models/{name}", _get("Signature metadata", obj, 404), "/metadata")
+    _versioned(paths, "/v1/models/{name}", _post("Predict (TF Serving REST)", _schema("TFPredict"), obj),
+               ":predict")
+    _versioned(paths, "/v2/models/{name}", _get("Model metadata", obj, 404))
+    _versioned(paths, "/v2/models/{name}", _get("Model readiness", obj, 404, 503), "/ready")
+    _versioned(paths, "/v2/models/{name}", _post("Infer (Open Inference Protocol V2)", _schema("V2Infer"),
+                                                 _schema("V2Response")), "/infer")
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "ML serving platform", "version": "0.1.0"},
+        "paths": paths,
+        "components": {"schemas": SCHEMAS},
+    }
+
+
+def _schema(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+_VALUE = {"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "boolean"}, {"type": "array"},
+                    {"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]}]}
+_V2_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "datatype": {"enum": ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+                              "FP16", "FP32", "FP64", "BYTES"]},
+        "parameters": {"type": "object"},
+        "data": {"type": "array"},
+    },
+}
+SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "TFPredict": {
+        "type": "object",
+        "properties": {
+            "signature_name": {"type": "string"},
+            "instances": {"type": "array", "items": _VALUE},
+            "inputs": _VALUE,
+        },
+    },
+    "V2Infer": {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": {"type": "object"},
+            "inputs": {"type": "array", "items": _V2_TENSOR},
+            "outputs": {"type": "array", "items": {
+                "type": "object", "required": ["name"],
+                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+            }},
+        },
+    },
+    "V2Response": {
+        "type": "object",
+        "required": ["model_name", "outputs"],
+        "properties": {
+            "model_name": {"type": "string"},
+            "model_version": {"type": "string"},
+            "id": {"type": "string"},
+            "outputs": {"type": "array", "items": _V2_TENSOR},
+        },
+    },
+}

@@ -1,0 +1,128 @@
+"""TensorFlow Serving REST bodies: row (`instances`) and columnar (`inputs`) requests and their answers."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+import numpy as np
+
+from models import ModelVersion
+from models.dtype import BYTES
+from models.tensor import TensorSpec, from_values
+from webapp.errors import BadRequest
+
+SIGNATURES = ("", "serving_default")
+
+
+def parse(body: dict[str, Any], version: ModelVersion) -> tuple[dict[str, np.ndarray], bool]:
+    """The request's input arrays, and whether it used the row format."""
+    unknown = set(body) - {"signature_name", "instances", "inputs"}
+    if unknown:
+        raise BadRequest(f"unknown field {sorted(unknown)[0]!r}; a predict request has 'instances' or 'inputs'")
+    signature = body.get("signature_name", "")
+    if signature not in SIGNATURES:
+        raise BadRequest(f"unknown signature_name {signature!r}; this model has 'serving_default'")
+    if ("instances" in body) == ("inputs" in body):
+        raise BadRequest("a predict request has exactly one of 'instances' (row format) or 'inputs' (columnar)")
+    if "instances" in body:
+        return _rows(body["instances"], version.spec.inputs), True
+    return _columns(body["inputs"], version.spec.inputs), False
+
+
+def _rows(instances: object, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
+    if not isinstance(instances, list) or not instances:
+        raise BadRequest("'instances' must be a non-empty list")
+    names = [t.name for t in specs]
+    if len(specs) == 1 and not _named(instances[0], names):
+        return {specs[0].name: _array(instances, specs[0], "instances")}
+    columns: dict[str, list] = {name: [] for name in names}
+    for i, row in enumerate(instances):
+        if not isinstance(row, dict):
+            raise BadRequest(f"instances[{i}]: with several inputs each instance is an object of {names}")
+        unknown = set(row) - set(names)
+        if unknown:
+            raise BadRequest(f"instances[{i}]: unknown input {sorted(unknown)[0]!r}; inputs are {names}")
+        for name in names:
+            if name not in row:
+                raise BadRequest(f"instances[{i}]: missing input {name!r}")
+            columns[name].append(row[name])
+    return {t.name: _array(columns[t.name], t, f"instances ({t.name!r})") for t in specs}
+
+
+def _named(instance: object, names: list[str]) -> bool:
+    return isinstance(instance, dict) and bool(instance) and set(instance) <= set(names)
+
+
+def _columns(inputs: object, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
+    names = [t.name for t in specs]
+    if not isinstance(inputs, dict) or (len(specs) == 1 and not _named(inputs, names)):
+        if len(specs) != 1:
+            raise BadRequest(f"'inputs' must be an object of {names}")
+        return {specs[0].name: _array(inputs, specs[0], "inputs")}
+    by_name = {t.name: t for t in specs}
+    unknown = set(inputs) - set(names)
+    if unknown:
+        raise BadRequest(f"inputs: unknown input {sorted(unknown)[0]!r}; inputs are {names}")
+    return {name: _array(value, by_name[name], f"inputs[{name!r}]") for name, value in inputs.items()}
+
+
+def _array(values: object, spec: TensorSpec, where: str) -> np.ndarray:
+    """Values for one input; `{"b64": ...}` leaves become bytes (encoded images, strings)."""
+    if spec.image is None and not spec.dtype.is_bytes:
+        return from_values(values, spec.dtype, where)
+    decoded, found_bytes = _decode_b64(values, where, 0)
+    if found_bytes or spec.dtype.is_bytes:
+        return from_values(decoded, BYTES, where)
+    return from_values(decoded, spec.dtype, where)
+
+
+def _decode_b64(value: object, where: str, depth: int) -> tuple[object, bool]:
+    if isinstance(value, dict):
+        if set(value) != {"b64"} or not isinstance(value["b64"], str):
+            raise BadRequest(f"{where}: an object value must be {{\"b64\": \"<base64 string>\"}}")
+        try:
+            return base64.b64decode(value["b64"], validate=True), True
+        except (binascii.Error, ValueError):
+            raise BadRequest(f"{where}: 'b64' is not valid base64") from None
+    if isinstance(value, list) and depth < 32:
+        items = [_decode_b64(v, where, depth + 1) for v in value]
+        return [v for v, _ in items], any(found for _, found in items)
+    return value, False
+
+
+def predictions(outputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:
+    """Row-format answer: the bare value per row with one output, else an object per row."""
+    columns = {name: _rows_of(outputs[name]) for name in wanted}
+    if len(columns) == 1:
+        return {"predictions": next(iter(columns.values()))}
+    rows = zip(*columns.values())
+    return {"predictions": [dict(zip(columns, row)) for row in rows]}
+
+
+def columnar(outputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:
+    """Columnar answer: the bare tensor with one output, else an object of tensors."""
+    if len(wanted) == 1:
+        return {"outputs": _jsonable(outputs[wanted[0]])}
+    return {"outputs": {name: _jsonable(outputs[name]) for name in wanted}}
+
+
+def _rows_of(array: np.ndarray) -> list:
+    """One JSON value per row; numeric rows stay numpy so orjson writes float32 as float32."""
+    return _jsonable(array) if array.dtype == object else list(array)
+
+
+def _jsonable(array: np.ndarray) -> object:
+    if array.dtype == object:
+        return [_text(v) for v in array.reshape(-1)] if array.ndim == 1 else [_jsonable(a) for a in array]
+    return array
+
+
+def _text(value: object) -> object:
+    if isinstance(value, bytes):
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return {"b64": base64.b64encode(value).decode()}
+    return value

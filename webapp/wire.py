@@ -1,0 +1,64 @@
+"""Request bodies: content type, encoding, size limit and JSON parsing."""
+
+from __future__ import annotations
+
+import json
+import zlib
+from typing import Any
+
+import orjson
+from flask import Request, current_app
+
+from webapp.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS}
+
+
+def body(request: Request, binary_ok: bool = False) -> bytes:
+    """The request body, decompressed, after checking its content type and size."""
+    mimetype = request.mimetype
+    if mimetype and not _is_json(mimetype) and not (binary_ok and mimetype == "application/octet-stream"):
+        accepted = "application/json" + (" or application/octet-stream" if binary_ok else "")
+        raise UnsupportedMediaType(f"content type {mimetype!r} is not accepted; send {accepted}")
+    data = request.get_data(cache=False)
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return data
+    if encoding not in ENCODINGS:
+        raise UnsupportedMediaType(f"content encoding {encoding!r} is not accepted; use gzip or deflate")
+    return _inflate(data, ENCODINGS[encoding], current_app.config["MAX_CONTENT_LENGTH"])
+
+
+def json_object(data: bytes) -> dict[str, Any]:
+    """Parse a JSON object; NaN and Infinity tokens are allowed, as TensorFlow Serving allows them."""
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        value = _loads_lenient(data)
+    if not isinstance(value, dict):
+        raise BadRequest(f"the body must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _loads_lenient(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise BadRequest(f"malformed JSON: {exc}") from None
+
+
+def _is_json(mimetype: str) -> bool:
+    return mimetype == "application/json" or mimetype.endswith("+json")
+
+
+def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
+    inflater = zlib.decompressobj(wbits)
+    try:
+        out = inflater.decompress(data, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(f"body could not be decompressed ({exc})") from None
+    if len(out) > limit:
+        raise PayloadTooLarge(f"body exceeds {limit} bytes once decompressed")
+    if not inflater.eof:
+        raise BadRequest("compressed body is truncated")
+    return out
