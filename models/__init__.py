@@ -15,7 +15,7 @@ from models.errors import (
     SpecError,
     VersionNotFound,
 )
-from models.inference import predict, prepare
+from models.inference import arrays, predict, prepare
 from models.registry import Model, ModelVersion, Registry
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "Settings",
     "SpecError",
     "VersionNotFound",
+    "arrays",
     "predict",
     "prepare",
 ]

@@ -18,13 +18,17 @@ def predict(version: ModelVersion, inputs: Mapping[str, np.ndarray]) -> dict[str
     return postprocess.derive(version.spec, version.session.run(feeds))
 
 
+def arrays(version: ModelVersion, values: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """Convert JSON values, one per input name, to arrays of the declared dtypes."""
+    _check_names(version, values)
+    return {t.name: tensor.from_values(values[t.name], t.dtype, f"input {t.name!r}")
+            for t in version.spec.inputs if t.name in values}
+
+
 def prepare(version: ModelVersion, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Turn client arrays into the exact feeds the graph takes, or raise InvalidInput saying why."""
     spec = version.spec
-    unknown = set(inputs) - {t.name for t in spec.inputs}
-    if unknown:
-        raise InvalidInput(f"unknown input {sorted(unknown)[0]!r}; model {spec.name!r} takes "
-                           f"{', '.join(repr(t.name) for t in spec.inputs)}")
+    _check_names(version, inputs)
     feeds: dict[str, np.ndarray] = {}
     for t in spec.inputs:
         if t.name not in inputs:
@@ -37,6 +41,14 @@ def prepare(version: ModelVersion, inputs: Mapping[str, np.ndarray]) -> dict[str
         raise InvalidInput(f"{max(rows)} rows in one request; model {spec.name!r} takes at most "
                            f"{spec.options.max_instances}")
     return feeds
+
+
+def _check_names(version: ModelVersion, inputs: Mapping[str, object]) -> None:
+    spec = version.spec
+    unknown = set(inputs) - {t.name for t in spec.inputs}
+    if unknown:
+        raise InvalidInput(f"unknown input {sorted(unknown)[0]!r}; model {spec.name!r} takes "
+                           f"{', '.join(repr(t.name) for t in spec.inputs)}")
 
 
 def _feed(t: TensorSpec, value: np.ndarray, max_pixels: int) -> np.ndarray:

@@ -6,12 +6,16 @@ import logging
 import threading
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import onnxruntime as ort
 
 from models.errors import InvalidInput, ModelNotReady, SpecError
 from models.spec import ModelSpec
 from models.tensor import TensorSpec
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 ARTEFACT = "model.onnx"
@@ -68,6 +72,10 @@ class Session:
         return dict(zip(self._output_names, results))
 
     def _create(self) -> ort.InferenceSession:
+        # Imported here, never at module level: a process that imported onnxruntime and then forks
+        # (gunicorn's master, Celery's prefork parent) leaves children that abort or hang at exit.
+        import onnxruntime as ort
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.intra_op_threads
         options.inter_op_num_threads = self.spec.options.inter_op_threads

@@ -10,19 +10,29 @@ from typing import Any
 from flask import Flask
 
 from models import Registry, Settings
+from tasks import TaskSettings, create_celery
 from webapp import catalog, errors, tfserving, v2
 from webapp.config import WebSettings
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
-    """Build the app; `test_config` overrides settings by field name (e.g. models_dir)."""
+    """Build the app; `test_config` overrides settings by field name (e.g. models_dir).
+
+    Its key `celery` holds Celery options to override (tests use eager mode).
+    """
     overrides = dict(test_config or {})
+    celery_options = overrides.pop("celery", None)
     model_settings = _settings(Settings.from_env(), overrides)
     web_settings = _settings(WebSettings.from_env(), overrides)
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=web_settings.max_request_bytes, **overrides)
     app.extensions["registry"] = Registry(model_settings)
-    logging.getLogger("models").setLevel(web_settings.log_level)
+    task_settings = _settings(TaskSettings.from_env(), overrides)
+    app.extensions["celery"] = create_celery(task_settings, celery_options)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+    for name in ("models", "webapp"):
+        logging.getLogger(name).setLevel(web_settings.log_level)
     errors.register(app)
     for blueprint in (catalog.bp, tfserving.bp, v2.bp):
         app.register_blueprint(blueprint)

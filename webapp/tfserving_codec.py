@@ -109,8 +109,10 @@ def columnar(outputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any
 
 
 def _rows_of(array: np.ndarray) -> list:
-    """One JSON value per row; numeric rows stay numpy so orjson writes float32 as float32."""
-    return _jsonable(array) if array.dtype == object else list(array)
+    """One JSON value per row; float rows stay numpy so orjson writes float32 as float32."""
+    if array.dtype == object:
+        return _jsonable(array)
+    return list(array) if array.ndim > 1 or array.dtype.kind == "f" else array.tolist()
 
 
 def _jsonable(array: np.ndarray) -> object:

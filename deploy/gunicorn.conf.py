@@ -1,0 +1,38 @@
+"""Gunicorn settings of the web process: workers and onnxruntime threads sized to the cores.
+
+Sessions are never created in the master: the app is not preloaded, and each worker loads its
+sessions after fork (post_worker_init), so a broken artefact shows in the log at start-up.
+"""
+
+import os
+
+from models import Registry, Settings
+
+cores = os.cpu_count() or 1
+wsgi_app = "webapp:create_app()"
+bind = os.environ.get("BIND", "0.0.0.0:8000")
+workers = int(os.environ.get("WEB_CONCURRENCY", cores))
+worker_class = "gthread"
+threads = int(os.environ.get("WEB_THREADS", 4))
+preload_app = False
+keepalive = 30
+timeout = 60
+graceful_timeout = 20
+accesslog = os.environ.get("ACCESS_LOG") or None
+loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# processes x onnxruntime threads must not exceed the cores, or they fight over them
+os.environ.setdefault("ORT_INTRA_OP_THREADS", str(max(1, cores // workers)))
+
+
+def when_ready(server) -> None:
+    """Report broken specs and artefacts once, from the master, without creating any session."""
+    registry = Registry(Settings.from_env())
+    names = [m.spec.name for m in registry.models()]
+    server.log.info("model repository %s: serving %s", registry.root, ", ".join(names) or "nothing")
+    for message in registry.problems.values():
+        server.log.error("model repository: %s", message)
+
+
+def post_worker_init(worker) -> None:
+    """Load every session in the new worker, after fork."""
+    worker.wsgi.extensions["registry"].warm()

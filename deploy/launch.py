@@ -1,0 +1,118 @@
+"""`make run`: web (:8000), a Celery worker, celery beat and Flower (:5555) in the foreground.
+
+With no REDIS_URL set, a local Redis is started first (and stopped last); with no DATABASE_URL,
+SQLite under var/ is used. Ctrl-C (or SIGTERM) stops every process; if one dies, all are stopped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from deploy import redis_server
+from tasks.app import QUEUES
+
+ROOT = Path(__file__).resolve().parent.parent
+VAR = ROOT / "var"
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM this child when the launcher dies, even by SIGKILL (no orphans)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def commands(env: dict[str, str]) -> dict[str, list[str]]:
+    """The platform's processes and their command lines."""
+    py, celery = sys.executable, [sys.executable, "-m", "celery", "-A", "tasks.worker"]
+    flower_auth = f"{env.get('FLOWER_USER', 'admin')}:{env.get('FLOWER_PASSWORD', 'admin')}"
+    return {
+        "web": [py, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")],
+        "worker": [*celery, "worker", "-l", "INFO", "-Q", ",".join(QUEUES), "-n", "worker@%h"],
+        "beat": [*celery, "beat", "-l", "INFO", "-s", str(VAR / "celerybeat-schedule")],
+        "flower": [*celery, "flower", f"--port={env.get('FLOWER_PORT', '5555')}", f"--basic-auth={flower_auth}"],
+    }
+
+
+class Launcher:
+    """Starts the processes, waits, and stops them all together."""
+
+    def __init__(self) -> None:
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.stopping = False
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        print(f"launch: starting {name}: {' '.join(command)}", flush=True)
+        self.processes[name] = subprocess.Popen(command, env=env, cwd=ROOT, preexec_fn=_die_with_parent,
+                                                process_group=0)
+
+    def wait(self) -> int:
+        """Block until a signal or a process exit; answer the exit status."""
+        while not self.stopping:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    print(f"launch: {name} exited with status {process.returncode}; stopping", flush=True)
+                    return 1
+            time.sleep(0.2)
+        return 0
+
+    def stop(self, *_: object) -> None:
+        """Stop the platform's processes together, then Redis, which they need until they are gone."""
+        self.stopping = True
+        redis = self.processes.pop("redis", None)
+        _terminate(list(self.processes.values()))
+        if redis is not None:
+            _terminate([redis])
+            self.processes["redis"] = redis
+
+
+def _terminate(processes: list[subprocess.Popen], grace_s: float = 20) -> None:
+    """SIGTERM each process (each shuts its own children down), SIGKILL the group of any that lingers."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + grace_s
+    for process in processes:
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            print(f"launch: {' '.join(process.args[:5])} outlived {grace_s:.0f} s; killing it", flush=True)
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def main() -> int:
+    """Run the platform until Ctrl-C."""
+    env = dict(os.environ)
+    VAR.mkdir(exist_ok=True)
+    env.setdefault("DATABASE_URL", f"sqlite:///{VAR / 'platform.db'}")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    launcher = Launcher()
+    signal.signal(signal.SIGINT, launcher.stop)
+    signal.signal(signal.SIGTERM, launcher.stop)
+    try:
+        if not env.get("REDIS_URL"):
+            process, env["REDIS_URL"] = redis_server.start(VAR / "redis", preexec_fn=_die_with_parent,
+                                                           process_group=0)
+            launcher.processes["redis"] = process
+            print(f"launch: no REDIS_URL set; started a local Redis at {env['REDIS_URL']}", flush=True)
+        for name, command in commands(env).items():
+            launcher.start(name, command, env)
+        status = launcher.wait()
+    except redis_server.RedisUnavailable as exc:
+        print(f"launch: {exc}", file=sys.stderr, flush=True)
+        status = 2
+    finally:
+        launcher.stop()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

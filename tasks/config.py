@@ -1,0 +1,40 @@
+"""Settings of the queue, the result store and the SQL store, read from the environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """Typed settings with safe development defaults; each maps to one environment variable."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """REDIS_URL: Celery broker and result store. Unset under `make run`, an embedded Redis is started."""
+    database_url: str = "sqlite:///var/platform.db"
+    """DATABASE_URL: SQL store of batch jobs, e.g. mysql+pymysql://user:pass@host:3306/db."""
+    result_expires_s: int = 24 * 3600
+    """RESULT_EXPIRES_S: how long a job's result is kept in Redis."""
+    visibility_timeout_s: int = 3600
+    """VISIBILITY_TIMEOUT_S: an unacknowledged job is redelivered after this long; keep tasks far shorter."""
+    task_time_limit_s: int = 300
+    """TASK_TIME_LIMIT_S: hard limit of one task; the soft limit is 90% of it."""
+    flower_user: str = "admin"
+    """FLOWER_USER: Flower's basic-auth user."""
+    flower_password: str = "admin"
+    """FLOWER_PASSWORD: Flower's basic-auth password; change it anywhere but a laptop."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> TaskSettings:
+        """Read the settings from environment variables, falling back to the defaults."""
+        return cls(
+            redis_url=env.get("REDIS_URL") or cls.redis_url,
+            database_url=env.get("DATABASE_URL") or cls.database_url,
+            result_expires_s=int(env.get("RESULT_EXPIRES_S", cls.result_expires_s)),
+            visibility_timeout_s=int(env.get("VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s)),
+            task_time_limit_s=int(env.get("TASK_TIME_LIMIT_S", cls.task_time_limit_s)),
+            flower_user=env.get("FLOWER_USER", cls.flower_user),
+            flower_password=env.get("FLOWER_PASSWORD", cls.flower_password),
+        )
