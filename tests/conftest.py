@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -16,6 +21,7 @@ from webapp import create_app
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -47,3 +53,65 @@ def repo_app(repo: Path) -> Flask:
 def repo_client(repo_app: Flask) -> Iterator[FlaskClient]:
     """A test client of `repo_app`."""
     yield repo_app.test_client()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop the run, as a failure, when the real Redis or MariaDB the suite needs is not there."""
+    import redis
+    import sqlalchemy
+
+    problems = []
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        problems.append(f"Redis at {REDIS_URL}: {exc}")
+    try:
+        engine = sqlalchemy.create_engine(DATABASE_URL, connect_args={"connect_timeout": 2})
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT 1"))
+        engine.dispose()
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        problems.append(f"MariaDB at {DATABASE_URL}: {exc}")
+    if problems:
+        pytest.exit("required services are missing (see README, 'Tests'):\n  " + "\n  ".join(problems), 3)
+
+
+@pytest.fixture(scope="session")
+def live_server() -> Iterator[str]:
+    """The web process under gunicorn with the project's config, on a free port; answers its base URL."""
+    port = free_port()
+    env = {**os.environ, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "2", "REDIS_URL": REDIS_URL}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/v2/health/ready", process)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float = 60, **kwargs: object) -> None:
+    """Poll `url` until it answers 200; fail with the process's output if it exits or times out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = process.stderr.read() if process.stderr else ""
+            pytest.fail(f"{process.args} exited with {process.returncode}:\n{output[-3000:]}")
+        try:
+            if requests.get(url, timeout=1, **kwargs).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"{url} did not answer within {timeout_s} s")
