@@ -1,7 +1,8 @@
 """`make run`: web (:8000), a Celery worker, celery beat and Flower (:5555) in the foreground.
 
 With no REDIS_URL set, a local Redis is started first (and stopped last); with no DATABASE_URL,
-SQLite under var/ is used. Ctrl-C (or SIGTERM) stops every process; if one dies, all are stopped.
+SQLite is used. Local state (Redis data, beat schedule, SQLite) lives under VAR_DIR (default var/).
+Ctrl-C (or SIGTERM) stops every process; if one dies, all are stopped.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from deploy import redis_server
 from tasks.app import QUEUES
 
 ROOT = Path(__file__).resolve().parent.parent
-VAR = ROOT / "var"
 
 
 def _die_with_parent() -> None:
@@ -29,14 +29,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def commands(env: dict[str, str]) -> dict[str, list[str]]:
+def commands(env: dict[str, str], var: Path) -> dict[str, list[str]]:
     """The platform's processes and their command lines."""
     py, celery = sys.executable, [sys.executable, "-m", "celery", "-A", "tasks.worker"]
     flower_auth = f"{env.get('FLOWER_USER', 'admin')}:{env.get('FLOWER_PASSWORD', 'admin')}"
     return {
         "web": [py, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")],
         "worker": [*celery, "worker", "-l", "INFO", "-Q", ",".join(QUEUES), "-n", "worker@%h"],
-        "beat": [*celery, "beat", "-l", "INFO", "-s", str(VAR / "celerybeat-schedule")],
+        "beat": [*celery, "beat", "-l", "INFO", "-s", str(var / "celerybeat-schedule")],
         "flower": [*celery, "flower", f"--port={env.get('FLOWER_PORT', '5555')}", f"--basic-auth={flower_auth}"],
     }
 
@@ -91,19 +91,20 @@ def _terminate(processes: list[subprocess.Popen], grace_s: float = 20) -> None:
 def main() -> int:
     """Run the platform until Ctrl-C."""
     env = dict(os.environ)
-    VAR.mkdir(exist_ok=True)
-    env.setdefault("DATABASE_URL", f"sqlite:///{VAR / 'platform.db'}")
+    var = Path(env.get("VAR_DIR") or ROOT / "var").resolve()
+    var.mkdir(parents=True, exist_ok=True)
+    env.setdefault("DATABASE_URL", f"sqlite:///{var / 'platform.db'}")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     launcher = Launcher()
     signal.signal(signal.SIGINT, launcher.stop)
     signal.signal(signal.SIGTERM, launcher.stop)
     try:
         if not env.get("REDIS_URL"):
-            process, env["REDIS_URL"] = redis_server.start(VAR / "redis", preexec_fn=_die_with_parent,
+            process, env["REDIS_URL"] = redis_server.start(var / "redis", preexec_fn=_die_with_parent,
                                                            process_group=0)
             launcher.processes["redis"] = process
             print(f"launch: no REDIS_URL set; started a local Redis at {env['REDIS_URL']}", flush=True)
-        for name, command in commands(env).items():
+        for name, command in commands(env, var).items():
             launcher.start(name, command, env)
         status = launcher.wait()
     except redis_server.RedisUnavailable as exc:

@@ -109,9 +109,9 @@ def wait_for_http(url: str, process: subprocess.Popen, timeout_s: float = 60, **
             output = process.stderr.read() if process.stderr else ""
             pytest.fail(f"{process.args} exited with {process.returncode}:\n{output[-3000:]}")
         try:
-            if requests.get(url, timeout=1, **kwargs).status_code == 200:
+            if requests.get(url, timeout=5, **kwargs).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:
             pass
         time.sleep(0.2)
     pytest.fail(f"{url} did not answer within {timeout_s} s")

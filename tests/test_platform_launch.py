@@ -1,0 +1,162 @@
+"""`make run`'s launcher: web, a real Celery worker, beat and Flower, stopped together by Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from tasks import TaskSettings, create_celery
+
+ROOT = Path(__file__).resolve().parent.parent
+IRIS = [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]
+LAUNCH_REDIS_URL = os.environ.get("TEST_LAUNCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Platform:
+    process: subprocess.Popen
+    web: str
+    flower: str
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_open(url: str) -> bool:
+    host, port = url.split("//")[1].split(":")
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, int(port.split("/")[0]))) == 0
+
+
+def _wait(platform: Platform, url: str, auth: tuple[str, str] | None = None, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if platform.process.poll() is not None:
+            pytest.fail(f"launcher exited with {platform.process.returncode}:\n{platform.output()[-4000:]}")
+        try:
+            if requests.get(url, auth=auth, timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"{url} did not answer in {timeout_s} s:\n{platform.output()[-4000:]}")
+
+
+def _launch(tmp_path: Path, redis_url: str | None) -> Iterator[Platform]:
+    web, flower = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env.update(BIND=f"127.0.0.1:{web}", FLOWER_PORT=str(flower), WEB_CONCURRENCY="1", VAR_DIR=str(tmp_path / "var"),
+               FLOWER_USER="ops", FLOWER_PASSWORD="s3cret")
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    log = tmp_path / "launch.log"
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "deploy.launch"], cwd=ROOT, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT)
+    platform = Platform(process, f"http://127.0.0.1:{web}", f"http://127.0.0.1:{flower}", log)
+    try:
+        yield platform
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def platform(tmp_path: Path) -> Iterator[Platform]:
+    """The platform on the real Redis of the test machine."""
+    yield from _launch(tmp_path, LAUNCH_REDIS_URL)
+
+
+@pytest.fixture
+def embedded_platform(tmp_path: Path) -> Iterator[Platform]:
+    """The platform with no REDIS_URL: the launcher starts its own Redis."""
+    yield from _launch(tmp_path, None)
+
+
+def _queued_prediction(redis_url: str) -> dict:
+    """Run the `predict` task through the platform's real worker and answer its result."""
+    celery = create_celery(TaskSettings(redis_url=redis_url))
+    try:
+        return celery.tasks["predict"].delay("iris", None, {"features": IRIS}).get(timeout=60)
+    finally:
+        celery.close()
+
+
+def _stop(platform: Platform) -> int:
+    platform.process.send_signal(signal.SIGINT)
+    return platform.process.wait(60)
+
+
+def test_make_run_serves_queues_and_shows_flower_then_stops_on_ctrl_c(platform: Platform):
+    _wait(platform, f"{platform.web}/v2/health/ready")
+    answer = requests.post(f"{platform.web}/v1/models/iris:predict", json={"instances": IRIS}, timeout=10).json()
+    assert [p["label_name"] for p in answer["predictions"]] == ["setosa", "virginica"]
+
+    queued = _queued_prediction(LAUNCH_REDIS_URL)
+    assert queued["label_name"] == ["setosa", "virginica"]
+    for got, expected in zip(queued["probabilities"], answer["predictions"]):
+        assert got == pytest.approx(expected["probabilities"], abs=1e-6)
+
+    _wait(platform, f"{platform.flower}/api/workers?refresh=1", auth=("ops", "s3cret"))
+    assert requests.get(f"{platform.flower}/api/workers", timeout=5).status_code == 401
+    workers = requests.get(f"{platform.flower}/api/workers?refresh=1", auth=("ops", "s3cret"), timeout=10).json()
+    assert any("predict" in w.get("registered", []) for w in workers.values()), workers
+
+    assert _stop(platform) == 0
+    assert not _port_open(platform.web) and not _port_open(platform.flower)
+    for role in ("web", "worker", "beat", "flower"):
+        assert f"starting {role}" in platform.output()
+
+
+def test_make_run_without_redis_url_starts_and_stops_its_own_redis(embedded_platform: Platform):
+    _wait(embedded_platform, f"{embedded_platform.web}/v2/health/ready")
+    found = re.search(r"started a local Redis at (redis://\S+)", embedded_platform.output())
+    assert found, embedded_platform.output()
+    redis_url = found.group(1)
+    assert redis_url != LAUNCH_REDIS_URL
+
+    assert _queued_prediction(redis_url)["label_name"] == ["setosa", "virginica"]
+
+    assert _stop(embedded_platform) == 0
+    assert not _port_open(redis_url)
+
+
+def test_make_run_stops_everything_when_one_process_dies(platform: Platform):
+    _wait(platform, f"{platform.web}/v2/health/ready")
+    gunicorn = subprocess.run(["pgrep", "-f", f"gunicorn.*{ROOT}/deploy/gunicorn.conf.py"],
+                              capture_output=True, text=True).stdout.split()
+    masters = [pid for pid in gunicorn if _parent(int(pid)) == platform.process.pid]
+    assert len(masters) == 1
+    os.kill(int(masters[0]), signal.SIGKILL)
+    assert platform.process.wait(60) == 1
+    assert "web exited" in platform.output()
+    assert not _port_open(platform.flower)
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
