@@ -23,6 +23,9 @@ class Settings:
     max_image_pixels: int = 25_000_000
     """MAX_IMAGE_PIXELS: images with more pixels are refused before they are decoded."""
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "models_dir", Path(self.models_dir))
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Settings:
         """Read the settings from environment variables, falling back to the defaults."""

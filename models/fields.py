@@ -79,8 +79,8 @@ class Fields:
     def choice(self, key: str, choices: dict[str, Any] | list[str], default: str | None = None) -> Any:
         """A string that must be one of `choices`; answers the mapped value for a dict."""
         value = self.str(key, default, required=default is None)
-        if value == default:
-            return default
+        if value == default and default not in choices:
+            return default  # an optional field's out-of-band default, e.g. "" for none
         if value not in choices:
             raise self.fail(key, f"must be one of {', '.join(sorted(choices))}, got {value!r}")
         return choices[value] if isinstance(choices, dict) else value

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from models.errors import InputTooLarge, InvalidInput
 from models.fields import Fields
@@ -57,6 +57,11 @@ def decode(data: bytes, max_pixels: int) -> Image.Image:
     """Decode any format Pillow reads, refusing oversized images before their pixels are read."""
     try:
         image = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard trips before ours for huge images (its warning where warnings are errors)
+        raise InputTooLarge(f"image is too large to decode ({exc})") from None
+    except UnidentifiedImageError:
+        raise InvalidInput("not an image in a format that can be decoded") from None
     except Exception as exc:
         raise InvalidInput(f"not a decodable image ({exc})") from None
     width, height = image.size
@@ -145,11 +150,15 @@ def _convert(table: Fields, state: _Geometry) -> Step:
     mode = state.mode = table.choice("mode", list(CHANNELS))
 
     def convert(image: Image.Image) -> Image.Image:
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            # transparent pixels become white, as they look on a page
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-        return image.convert(mode)
+        # Pillow decodes images it cannot convert: modes such as LAB, a transparency table longer than the palette
+        try:
+            if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+                # transparent pixels become white, as they look on a page
+                rgba = image.convert("RGBA")
+                image = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
+            return image.convert(mode)
+        except ValueError as exc:
+            raise InvalidInput(f"a {image.mode} image cannot be converted to {mode} ({exc})") from None
 
     return convert
 

@@ -54,7 +54,8 @@ def cast(array: np.ndarray, dtype: DType, where: str) -> np.ndarray:
         info = np.iinfo(target)
         if array.size and (array.min() < info.min or array.max() > info.max):
             raise InvalidInput(f"{where}: values out of the {dtype.name} range")
-    return array.astype(target)
+    with np.errstate(over="ignore"):  # floats beyond the target's range become inf, which check() refuses
+        return array.astype(target)
 
 
 def check(array: np.ndarray, spec: TensorSpec, where: str) -> None:

@@ -91,7 +91,7 @@ def live_server() -> Iterator[str]:
         yield url
     finally:
         process.terminate()
-        process.wait(30)
+        process.communicate(timeout=30)
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response
+from flask import Flask, Response, current_app
 from werkzeug.exceptions import HTTPException
 
 import models
@@ -72,7 +72,10 @@ def _known(exc: Exception) -> Response:
 
 
 def _http(exc: HTTPException) -> Response:
-    response = json_response({"error": exc.description or exc.name}, exc.code or 500)
+    message = exc.description or exc.name
+    if exc.code == 413:
+        message = f"request body exceeds the limit of {current_app.config['MAX_CONTENT_LENGTH']} bytes"
+    response = json_response({"error": message}, exc.code or 500)
     if exc.code == 405 and exc.valid_methods:
         response.headers["Allow"] = ", ".join(exc.valid_methods)
     return response

@@ -52,7 +52,8 @@ def _rows(instances: object, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndar
 
 
 def _named(instance: object, names: list[str]) -> bool:
-    return isinstance(instance, dict) and bool(instance) and set(instance) <= set(names)
+    """Whether a value is an object of named inputs (rather than one input's {"b64": ...} value)."""
+    return isinstance(instance, dict) and (set(instance) != {"b64"} or "b64" in names)
 
 
 def _columns(inputs: object, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
