@@ -25,7 +25,8 @@ run: install ## Start web (:8000), worker, beat and Flower (:5555) in the foregr
 	$(BIN)/python -m deploy.launch
 
 .PHONY: test
-test: install ## Run the whole test suite (needs Redis and MariaDB; see README)
+test: install ## Run lint and the whole test suite (needs Redis and MariaDB; see README)
+	$(BIN)/ruff check webapp tasks models deploy bench tests
 	$(BIN)/python -m pytest
 
 .PHONY: lint

@@ -7,6 +7,7 @@ Ctrl-C (or SIGTERM) stops every process; if one dies, all are stopped.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -23,10 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _die_with_parent() -> None:
     """Ask Linux to SIGTERM this child when the launcher dies, even by SIGKILL (no orphans)."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 def commands(env: dict[str, str], var: Path) -> dict[str, list[str]]:

@@ -68,11 +68,11 @@ class Fields:
         """A list field (empty when absent and optional)."""
         return self._get(key, list, [], required)
 
-    def table_list(self, key: str, required: bool = False) -> list["Fields"]:
+    def table_list(self, key: str, required: bool = False) -> list[Fields]:
         """An array of tables, each as its own `Fields`."""
         return [Fields(t, self.path, f"{self.where(key)}[{i}]") for i, t in enumerate(self.list(key, required))]
 
-    def sub(self, key: str) -> "Fields":
+    def sub(self, key: str) -> Fields:
         """A nested table (empty when absent)."""
         return Fields(self._get(key, dict, {}, False), self.path, self.where(key))
 

@@ -79,7 +79,7 @@ def parse(tables: list[Fields]) -> ImagePipeline:
     state = _Geometry()
     steps: list[Step] = []
     for table in tables:
-        name = table.choice("step", sorted(_IMAGE_STEPS) + ["normalize", "layout"])
+        name = table.choice("step", [*sorted(_IMAGE_STEPS), "normalize", "layout"])
         if (name == "convert") != (table is tables[0]):
             raise table.fail("step", "the first step, and only the first, must be 'convert' (mode L or RGB)")
         if name in _IMAGE_STEPS:
@@ -150,7 +150,7 @@ def _convert(table: Fields, state: _Geometry) -> Step:
     mode = state.mode = table.choice("mode", list(CHANNELS))
 
     def convert(image: Image.Image) -> Image.Image:
-        # Pillow decodes images it cannot convert: modes such as LAB, a transparency table longer than the palette
+        # Pillow decodes images it cannot convert: LAB ones, palettes shorter than their transparency
         try:
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
                 # transparent pixels become white, as they look on a page

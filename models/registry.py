@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -117,10 +118,8 @@ class Registry:
         """Load every version's session now (after fork), so first requests are fast and faults show."""
         for model in self.models():
             for version in model.versions.values():
-                try:
+                with contextlib.suppress(ModelNotReady):  # logged, and listed in `problems`
                     version.session.load()
-                except ModelNotReady:
-                    pass  # logged by the session and listed in `problems`
 
     def _scan(self) -> tuple[dict[str, Model], dict[str, str]]:
         models: dict[str, Model] = {}

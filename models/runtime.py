@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -69,7 +68,7 @@ class Session:
         except Exception as exc:
             log.warning("model %s rejected an input: %s", self.spec.name, exc)
             raise InvalidInput(f"the model rejected the input: {_short(exc)}") from None
-        return dict(zip(self._output_names, results))
+        return dict(zip(self._output_names, results, strict=True))
 
     def _create(self) -> ort.InferenceSession:
         # Imported here, never at module level: a process that imported onnxruntime and then forks
@@ -105,7 +104,7 @@ def _match(path: Path, kind: str, declared: tuple[TensorSpec, ...], actual: list
 def _dims_fit(declared: tuple[int, ...], actual: list) -> bool:
     if len(declared) != len(actual):
         return False
-    return all(not isinstance(a, int) or a == d for d, a in zip(declared, actual))
+    return all(not isinstance(a, int) or a == d for d, a in zip(declared, actual, strict=True))
 
 
 def _short(exc: Exception) -> str:

@@ -60,7 +60,7 @@ def cast(array: np.ndarray, dtype: DType, where: str) -> np.ndarray:
 
 def check(array: np.ndarray, spec: TensorSpec, where: str) -> None:
     """Check an array's shape against the declaration and, for floats, that values are finite."""
-    if array.ndim != len(spec.shape) or any(d not in (-1, a) for d, a in zip(spec.shape, array.shape)):
+    if array.ndim != len(spec.shape) or any(d not in (-1, a) for d, a in zip(spec.shape, array.shape, strict=False)):
         got = list(array.shape)
         raise InvalidInput(f"{where}: expected shape {spec.shape_text()}, got {got}")
     if spec.dtype.is_float and not spec.allow_nonfinite and not np.isfinite(array).all():
@@ -88,8 +88,15 @@ def _flatten_bytes(value: object, depth: int, shape: list[int], where: str) -> l
     elif shape[depth] != size:
         raise InvalidInput(f"{where}: nested lists are ragged")
     if leaf:
-        return [value.encode() if isinstance(value, str) else value]
+        return [_utf8(value, where) if isinstance(value, str) else value]
     out: list[bytes] = []
     for item in value:
         out.extend(_flatten_bytes(item, depth + 1, shape, where))
     return out
+
+
+def _utf8(text: str, where: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: JSON can carry one as an escape such as "\ud800"
+        raise InvalidInput(f"{where}: text that is not valid Unicode") from None

@@ -116,7 +116,7 @@ def test_make_run_serves_queues_and_shows_flower_then_stops_on_ctrl_c(platform: 
 
     queued = _queued_prediction(LAUNCH_REDIS_URL)
     assert queued["label_name"] == ["setosa", "virginica"]
-    for got, expected in zip(queued["probabilities"], answer["predictions"]):
+    for got, expected in zip(queued["probabilities"], answer["predictions"], strict=True):
         assert got == pytest.approx(expected["probabilities"], abs=1e-6)
 
     _wait(platform, f"{platform.flower}/api/workers?refresh=1", auth=("ops", "s3cret"))

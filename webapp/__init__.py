@@ -34,6 +34,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     for name in ("models", "webapp"):
         logging.getLogger(name).setLevel(web_settings.log_level)
     errors.register(app)
+    app.url_map.converters["model"] = tfserving.ModelName
     for blueprint in (catalog.bp, tfserving.bp, v2.bp):
         app.register_blueprint(blueprint)
     return app

@@ -8,6 +8,12 @@ from typing import Any
 ERROR = {"$ref": "#/components/schemas/Error"}
 NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
+HEADER_LENGTH = {
+    "name": "Inference-Header-Content-Length", "in": "header", "required": False,
+    "description": "length of the JSON header when binary tensor data follows it",
+    "schema": {"type": "integer", "minimum": 0},
+}
+BINARY = {"type": "string", "format": "binary"}
 
 
 def _json(schema: dict, description: str) -> dict:
@@ -24,18 +30,27 @@ def _get(summary: str, schema: dict, *codes: int) -> dict:
     return {"get": {"summary": summary, "responses": {"200": _json(schema, "OK"), **_errors(*codes)}}}
 
 
-def _post(summary: str, body: dict, schema: dict) -> dict:
+def _post(summary: str, body: dict, schema: dict, binary: bool = False) -> dict:
+    content = {"application/json": {"schema": body}}
+    ok = _json(schema, "OK")
+    operation: dict = {"summary": summary}
+    if binary:  # the binary tensor data extension: a JSON header, then raw tensor bytes
+        content["application/octet-stream"] = {"schema": BINARY}
+        ok["content"]["application/octet-stream"] = {"schema": BINARY}
+        operation["parameters"] = [HEADER_LENGTH]
     return {"post": {
-        "summary": summary,
-        "requestBody": {"required": True, "content": {"application/json": {"schema": body}}},
-        "responses": {"200": _json(schema, "OK"), **_errors(400, 404, 413, 415, 503)},
+        **operation,
+        "requestBody": {"required": True, "content": content},
+        "responses": {"200": ok, **_errors(400, 404, 413, 415, 503)},
     }}
 
 
 def _versioned(paths: dict, path: str, operation: dict, suffix: str = "") -> None:
     """Add `path` and its `/versions/{version}` twin, with their path parameters."""
     for template, params in ((path, [NAME]), (path + "/versions/{version}", [NAME, VERSION])):
-        paths[template + suffix] = {verb: {**op, "parameters": params} for verb, op in operation.items()}
+        paths[template + suffix] = {
+            verb: {**op, "parameters": params + op.get("parameters", [])} for verb, op in operation.items()
+        }
 
 
 @cache
@@ -55,7 +70,7 @@ def document() -> dict[str, Any]:
     _versioned(paths, "/v2/models/{name}", _get("Model metadata", obj, 404))
     _versioned(paths, "/v2/models/{name}", _get("Model readiness", obj, 404, 503), "/ready")
     _versioned(paths, "/v2/models/{name}", _post("Infer (Open Inference Protocol V2)", _schema("V2Infer"),
-                                                 _schema("V2Response")), "/infer")
+                                                 _schema("V2Response"), binary=True), "/infer")
     return {
         "openapi": "3.1.0",
         "info": {"title": "ML serving platform", "version": "0.1.0"},
@@ -68,8 +83,12 @@ def _schema(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
-_VALUE = {"anyOf": [{"type": "number"}, {"type": "string"}, {"type": "boolean"}, {"type": "array"},
-                    {"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"]}]}
+_B64 = {"type": "object", "properties": {"b64": {"type": "string"}}, "required": ["b64"],
+        "additionalProperties": False}
+_VALUE = {"anyOf": [
+    {"type": "number"}, {"type": "string"}, {"type": "boolean"}, {"type": "array"}, _B64,
+    {"type": "object", "description": "with several inputs: the value of each input by name"},
+]}
 _V2_TENSOR = {
     "type": "object",
     "required": ["name", "shape", "datatype"],
@@ -78,7 +97,8 @@ _V2_TENSOR = {
         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
         "datatype": {"enum": ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
                               "FP16", "FP32", "FP64", "BYTES"]},
-        "parameters": {"type": "object"},
+        "parameters": {"type": "object",
+                       "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
         "data": {"type": "array"},
     },
 }
@@ -87,23 +107,29 @@ SCHEMAS: dict[str, Any] = {
     "TFPredict": {
         "type": "object",
         "properties": {
-            "signature_name": {"type": "string"},
-            "instances": {"type": "array", "items": _VALUE},
+            "signature_name": {"enum": ["", "serving_default"]},
+            "instances": {"type": "array", "minItems": 1, "items": _VALUE},
             "inputs": _VALUE,
         },
+        "oneOf": [{"required": ["instances"]}, {"required": ["inputs"]}],
+        "additionalProperties": False,
     },
     "V2Infer": {
         "type": "object",
         "required": ["inputs"],
         "properties": {
             "id": {"type": "string"},
-            "parameters": {"type": "object"},
-            "inputs": {"type": "array", "items": _V2_TENSOR},
+            "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+            "inputs": {"type": "array", "minItems": 1, "items": _V2_TENSOR},
             "outputs": {"type": "array", "items": {
                 "type": "object", "required": ["name"],
-                "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}},
+                "properties": {
+                    "name": {"type": "string"},
+                    "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}},
+                },
             }},
         },
+        "additionalProperties": False,
     },
     "V2Response": {
         "type": "object",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flask import Blueprint, Response, request
+from werkzeug.routing import BaseConverter
 
 import models
 from models import ModelVersion
@@ -14,8 +15,14 @@ from webapp.responses import json_response
 bp = Blueprint("tfserving", __name__)
 
 
-@bp.get("/v1/models/<name>")
-@bp.get("/v1/models/<name>/versions/<int:version>")
+class ModelName(BaseConverter):
+    """A model name in a URL: no ':', so `/v1/models/m:predict` is never the status of 'm:predict'."""
+
+    regex = "[^/:]+"
+
+
+@bp.get("/v1/models/<model:name>")
+@bp.get("/v1/models/<model:name>/versions/<int:version>")
 def status(name: str, version: int | None = None) -> Response:
     """Version status as TensorFlow Serving reports it, plus KServe V1's name and ready."""
     model = registry().model(name)
@@ -25,8 +32,8 @@ def status(name: str, version: int | None = None) -> Response:
     return json_response({"name": name, "ready": ready, "model_version_status": states})
 
 
-@bp.get("/v1/models/<name>/metadata")
-@bp.get("/v1/models/<name>/versions/<int:version>/metadata")
+@bp.get("/v1/models/<model:name>/metadata")
+@bp.get("/v1/models/<model:name>/versions/<int:version>/metadata")
 def metadata(name: str, version: int | None = None) -> Response:
     """The signature_def of a version, as TensorFlow Serving writes it."""
     found = registry().get(name, version)
@@ -42,8 +49,8 @@ def metadata(name: str, version: int | None = None) -> Response:
     })
 
 
-@bp.post("/v1/models/<name>:predict")
-@bp.post("/v1/models/<name>/versions/<int:version>:predict")
+@bp.post("/v1/models/<model:name>:predict")
+@bp.post("/v1/models/<model:name>/versions/<int:version>:predict")
 def predict(name: str, version: int | None = None) -> Response:
     """Predict synchronously in this process, in row or columnar format."""
     found = registry().get(name, version)

@@ -98,8 +98,8 @@ def predictions(outputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, 
     columns = {name: _rows_of(outputs[name]) for name in wanted}
     if len(columns) == 1:
         return {"predictions": next(iter(columns.values()))}
-    rows = zip(*columns.values())
-    return {"predictions": [dict(zip(columns, row)) for row in rows]}
+    rows = zip(*columns.values(), strict=True)
+    return {"predictions": [dict(zip(columns, row, strict=True)) for row in rows]}
 
 
 def columnar(outputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:

@@ -37,8 +37,8 @@ def parse(data: bytes, header_length: str | None, version: ModelVersion) -> Infe
     if unknown:
         raise BadRequest(f"unknown field {sorted(unknown)[0]!r} in the infer request")
     request_id = body.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise BadRequest("'id' must be a string")
+    if request_id is not None and not (isinstance(request_id, str) and _is_unicode(request_id)):
+        raise BadRequest("'id' must be a string of valid Unicode")
     binary_output = _parameters(body, "request").get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise BadRequest("parameter 'binary_data_output' must be a boolean")
@@ -49,12 +49,23 @@ def parse(data: bytes, header_length: str | None, version: ModelVersion) -> Infe
     return InferRequest(request_id, inputs, outputs)
 
 
+def _is_unicode(text: str) -> bool:
+    """Whether `text` encodes as UTF-8; the lenient JSON parser lets lone surrogates ("\\ud800") through."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _header_length(value: str | None, size: int) -> int:
     if value is None:
         return size
-    if not value.strip().isdigit() or int(value) > size:
+    text = value.strip()
+    # isdigit() takes '²' (latin-1 in a header), which int() refuses; int() also refuses 4300+ digits
+    if not (text.isascii() and text.isdigit()) or len(text) > 20 or int(text) > size:
         raise BadRequest(f"{HEADER} must be a whole number no larger than the body ({size} bytes)")
-    return int(value)
+    return int(text)
 
 
 def _parameters(table: dict, where: str) -> dict:
@@ -73,7 +84,7 @@ def _inputs(entries: object, version: ModelVersion, reader: _Binary) -> dict[str
         if not isinstance(entry, dict):
             raise BadRequest(f"inputs[{i}] must be an object with name, shape, datatype and data")
         name = entry.get("name")
-        if name not in specs:
+        if not isinstance(name, str) or name not in specs:
             raise BadRequest(f"inputs[{i}]: unknown input {name!r}; inputs are {list(specs)}")
         if name in inputs:
             raise BadRequest(f"inputs[{i}]: input {name!r} given twice")
