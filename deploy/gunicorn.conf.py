@@ -9,12 +9,15 @@ import os
 from models import Registry, Settings
 
 cores = os.cpu_count() or 1
-wsgi_app = "webapp:create_app()"
+web_threads = int(os.environ.get("WEB_THREADS", 4))
+wsgi_app = f"webapp.asgi:create_asgi_app(threads={web_threads})"
 bind = os.environ.get("BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", cores))
-worker_class = "gthread"
-threads = int(os.environ.get("WEB_THREADS", 4))
+# asyncio workers (uvloop) hold the connections; the inference routes run inline, the rest on `web_threads`
+worker_class = "asgi"
+worker_connections = 1000
 preload_app = False
+control_socket_disable = True  # one shared default path would collide between instances
 keepalive = 30
 timeout = 60
 graceful_timeout = 20
@@ -35,4 +38,4 @@ def when_ready(server) -> None:
 
 def post_worker_init(worker) -> None:
     """Load every session in the new worker, after fork."""
-    worker.wsgi.extensions["registry"].warm()
+    worker.asgi.flask.extensions["registry"].warm()

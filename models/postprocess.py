@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,12 @@ if TYPE_CHECKING:
 
 def argmax_label(labels: tuple[str, ...], scores: np.ndarray) -> np.ndarray:
     """The label of the highest score in each row."""
-    return np.asarray(labels, dtype=object)[np.argmax(scores, axis=-1)]
+    return _label_array(labels)[scores.argmax(axis=-1)]
+
+
+@functools.cache
+def _label_array(labels: tuple[str, ...]) -> np.ndarray:
+    return np.asarray(labels, dtype=object)
 
 
 DERIVATIONS: dict[str, Callable[[tuple[str, ...], np.ndarray], np.ndarray]] = {"argmax_label": argmax_label}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -44,7 +45,7 @@ class Model:
     versions: dict[int, ModelVersion] = field(default_factory=dict)
     problem: str | None = None
 
-    @property
+    @functools.cached_property
     def default_number(self) -> int | None:
         """The version served when none is named: pinned by the spec, else the newest."""
         return self.spec.default_version or max(self.versions, default=None)

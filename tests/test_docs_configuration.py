@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 STANDARD = {"PATH", "PYTHONPATH", "HOME"}
-READ = re.compile(r"""(?:env|environ)\.(?:get|setdefault)\(\s*["']([A-Z][A-Z0-9_]+)["']""")
+READ = re.compile(r"""(?:\benv|os\.environ)\.(?:get|setdefault)\(\s*["']([A-Z][A-Z0-9_]+)["']""")
 
 
 def test_every_environment_variable_is_documented_once():

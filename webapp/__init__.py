@@ -13,6 +13,7 @@ from models import Registry, Settings
 from tasks import TaskSettings, create_celery
 from webapp import catalog, errors, tfserving, v2
 from webapp.config import WebSettings
+from webapp.dataplane import DataPlane
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -26,7 +27,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     web_settings = _settings(WebSettings.from_env(), overrides)
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=web_settings.max_request_bytes, **overrides)
-    app.extensions["registry"] = Registry(model_settings)
+    registry = app.extensions["registry"] = Registry(model_settings)
     task_settings = _settings(TaskSettings.from_env(), overrides)
     app.extensions["celery"] = create_celery(task_settings, celery_options)
     if not logging.getLogger().handlers:
@@ -37,6 +38,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.url_map.converters["model"] = tfserving.ModelName
     for blueprint in (catalog.bp, tfserving.bp, v2.bp):
         app.register_blueprint(blueprint)
+    app.wsgi_app = DataPlane(registry, app.wsgi_app, web_settings.max_request_bytes)  # type: ignore[method-assign]
     return app
 
 

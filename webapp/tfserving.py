@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response
 from werkzeug.routing import BaseConverter
 
 import models
 from models import ModelVersion
 from models.tensor import TensorSpec
-from webapp import tfserving_codec, wire
 from webapp.repository import registry
 from webapp.responses import json_response
 
@@ -47,18 +46,6 @@ def metadata(name: str, version: int | None = None) -> Response:
         "model_spec": {"name": name, "signature_name": "", "version": str(found.number)},
         "metadata": {"signature_def": {"signature_def": {"serving_default": signature}}},
     })
-
-
-@bp.post("/v1/models/<model:name>:predict")
-@bp.post("/v1/models/<model:name>/versions/<int:version>:predict")
-def predict(name: str, version: int | None = None) -> Response:
-    """Predict synchronously in this process, in row or columnar format."""
-    found = registry().get(name, version)
-    inputs, rows = tfserving_codec.parse(wire.json_object(wire.body(request)), found)
-    outputs = models.predict(found, inputs)
-    wanted = [o.name for o in found.spec.outputs]
-    shape = tfserving_codec.predictions if rows else tfserving_codec.columnar
-    return json_response(shape(outputs, wanted))
 
 
 def _version_status(version: ModelVersion) -> dict:

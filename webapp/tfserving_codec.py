@@ -95,11 +95,10 @@ def _decode_b64(value: object, where: str, depth: int) -> tuple[object, bool]:
 
 def predictions(outputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:
     """Row-format answer: the bare value per row with one output, else an object per row."""
-    columns = {name: _rows_of(outputs[name]) for name in wanted}
+    columns = [_rows_of(outputs[name]) for name in wanted]
     if len(columns) == 1:
-        return {"predictions": next(iter(columns.values()))}
-    rows = zip(*columns.values(), strict=True)
-    return {"predictions": [dict(zip(columns, row, strict=True)) for row in rows]}
+        return {"predictions": columns[0]}
+    return {"predictions": [dict(zip(wanted, row, strict=True)) for row in zip(*columns, strict=True)]}
 
 
 def columnar(outputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any]:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, request
+from flask import Blueprint, Response
 
-import models
 from models.tensor import TensorSpec
-from webapp import v2_codec, wire
 from webapp.repository import registry
 from webapp.responses import json_response
 
@@ -60,24 +58,6 @@ def model_ready(name: str, version: int | None = None) -> Response:
     found = registry().get(name, version)
     found.session.load()
     return json_response({"name": name, "ready": True})
-
-
-@bp.post("/models/<name>/infer")
-@bp.post("/models/<name>/versions/<int:version>/infer")
-def infer(name: str, version: int | None = None) -> Response:
-    """Run an inference request in this process; JSON or binary tensors in and out."""
-    found = registry().get(name, version)
-    data = wire.body(request, binary_ok=True)
-    parsed = v2_codec.parse(data, request.headers.get(v2_codec.HEADER), found)
-    outputs = models.predict(found, parsed.inputs)
-    return _infer_response(*v2_codec.response(found, parsed, outputs))
-
-
-def _infer_response(body: bytes, header_length: int) -> Response:
-    if not header_length:
-        return Response(body, mimetype="application/json")
-    headers = {v2_codec.HEADER: str(header_length)}
-    return Response(body, headers=headers, mimetype="application/octet-stream")
 
 
 def _tensor(t: TensorSpec) -> dict:

@@ -7,26 +7,27 @@ import zlib
 from typing import Any
 
 import orjson
-from flask import Request, current_app
 
 from webapp.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS}
 
 
-def body(request: Request, binary_ok: bool = False) -> bytes:
-    """The request body, decompressed, after checking its content type and size."""
-    mimetype = request.mimetype
+def check_content_type(mimetype: str, binary_ok: bool = False) -> None:
+    """Accept JSON (and, where binary tensors may follow a JSON header, octet-stream); none given is JSON."""
     if mimetype and not _is_json(mimetype) and not (binary_ok and mimetype == "application/octet-stream"):
         accepted = "application/json" + (" or application/octet-stream" if binary_ok else "")
         raise UnsupportedMediaType(f"content type {mimetype!r} is not accepted; send {accepted}")
-    data = request.get_data(cache=False)
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+
+
+def decode(data: bytes, content_encoding: str, limit: int) -> bytes:
+    """Undo a gzip or deflate Content-Encoding, refusing bodies that inflate past `limit` bytes."""
+    encoding = content_encoding.strip().lower()
     if encoding in ("", "identity"):
         return data
     if encoding not in ENCODINGS:
         raise UnsupportedMediaType(f"content encoding {encoding!r} is not accepted; use gzip or deflate")
-    return _inflate(data, ENCODINGS[encoding], current_app.config["MAX_CONTENT_LENGTH"])
+    return _inflate(data, ENCODINGS[encoding], limit)
 
 
 def json_object(data: bytes) -> dict[str, Any]:
