@@ -18,7 +18,7 @@ class DType:
     @property
     def is_bytes(self) -> bool:
         """Whether elements are byte strings rather than numbers."""
-        return self.numpy == np.dtype(object)
+        return self.numpy.kind == "O"
 
     @property
     def is_float(self) -> bool:

@@ -45,7 +45,9 @@ def prepare(version: ModelVersion, inputs: Mapping[str, np.ndarray]) -> dict[str
 
 def _check_names(version: ModelVersion, inputs: Mapping[str, object]) -> None:
     spec = version.spec
-    unknown = set(inputs) - {t.name for t in spec.inputs}
+    if inputs.keys() <= spec.input_names:
+        return
+    unknown = set(inputs) - spec.input_names
     if unknown:
         raise InvalidInput(f"unknown input {sorted(unknown)[0]!r}; model {spec.name!r} takes "
                            f"{', '.join(repr(t.name) for t in spec.inputs)}")
@@ -53,7 +55,7 @@ def _check_names(version: ModelVersion, inputs: Mapping[str, object]) -> None:
 
 def _feed(t: TensorSpec, value: np.ndarray, max_pixels: int) -> np.ndarray:
     where = f"input {t.name!r}"
-    if t.image is not None and value.dtype == object and not t.dtype.is_bytes:
+    if t.image is not None and value.dtype.kind == "O" and not t.dtype.is_bytes:
         value = _images(t, value, max_pixels, where)
     else:
         value = tensor.cast(value, t.dtype, where)

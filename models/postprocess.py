@@ -30,9 +30,8 @@ DERIVATIONS: dict[str, Callable[[tuple[str, ...], np.ndarray], np.ndarray]] = {"
 
 def derive(spec: ModelSpec, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Add the spec's derived outputs to what the graph produced."""
-    for out in spec.outputs:
-        if out.derive is not None:
-            outputs[out.name] = DERIVATIONS[out.derive](spec.labels, outputs[out.source])
+    for out in spec.derived_outputs:
+        outputs[out.name] = DERIVATIONS[out.derive](spec.labels, outputs[out.source])
     return outputs
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import tomllib
@@ -59,6 +60,26 @@ class ModelSpec:
     default_version: int | None = None
     options: Options = field(default_factory=Options)
     evaluation: Evaluation | None = None
+
+    @functools.cached_property
+    def input_names(self) -> frozenset[str]:
+        """Names of the declared inputs."""
+        return frozenset(t.name for t in self.inputs)
+
+    @functools.cached_property
+    def inputs_by_name(self) -> dict[str, TensorSpec]:
+        """The declared inputs by name, in declared order."""
+        return {t.name: t for t in self.inputs}
+
+    @functools.cached_property
+    def output_names(self) -> list[str]:
+        """Names of every output, the derived ones included, in declared order."""
+        return [o.name for o in self.outputs]
+
+    @functools.cached_property
+    def derived_outputs(self) -> tuple[TensorSpec, ...]:
+        """Outputs computed after the graph runs."""
+        return tuple(o for o in self.outputs if o.derive is not None)
 
     @property
     def runtime_outputs(self) -> tuple[TensorSpec, ...]:

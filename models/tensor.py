@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,11 @@ class TensorSpec:
     image: ImagePipeline | None = None
     derive: str | None = None
     source: str | None = None
+
+    @functools.cached_property
+    def fixed_axes(self) -> tuple[tuple[int, int], ...]:
+        """(axis, size) of every dimension that is not -1."""
+        return tuple((axis, size) for axis, size in enumerate(self.shape) if size != -1)
 
     def shape_text(self) -> str:
         """The shape as clients read it in messages, e.g. [-1, 4]."""
@@ -60,9 +66,9 @@ def cast(array: np.ndarray, dtype: DType, where: str) -> np.ndarray:
 
 def check(array: np.ndarray, spec: TensorSpec, where: str) -> None:
     """Check an array's shape against the declaration and, for floats, that values are finite."""
-    if array.ndim != len(spec.shape) or any(d not in (-1, a) for d, a in zip(spec.shape, array.shape, strict=False)):
-        got = list(array.shape)
-        raise InvalidInput(f"{where}: expected shape {spec.shape_text()}, got {got}")
+    shape = array.shape
+    if len(shape) != len(spec.shape) or any(shape[axis] != size for axis, size in spec.fixed_axes):
+        raise InvalidInput(f"{where}: expected shape {spec.shape_text()}, got {list(shape)}")
     if spec.dtype.is_float and not spec.allow_nonfinite and not np.isfinite(array).all():
         raise InvalidInput(f"{where}: NaN or infinite values (or values out of the {spec.dtype.name} range)")
 

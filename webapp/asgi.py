@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 Response = tuple[int, list[tuple[bytes, bytes]], bytes]
+CALL_HEADERS = {
+    b"content-type": "content_type",
+    b"content-encoding": "content_encoding",
+    b"inference-header-content-length": "header_length",
+}
 
 
 class Bridge:
@@ -75,15 +80,15 @@ class Bridge:
 
     def _infer(self, route: Route, scope: dict, body: bytes) -> Response:
         """Answer an inference route straight from the data plane, inline on the loop."""
-        wanted = {b"content-type": "", b"content-encoding": "", b"inference-header-content-length": None}
+        wanted = {}
         for name, value in scope["headers"]:
-            name = name.lower()
-            if name in wanted:
-                wanted[name] = value.decode("latin-1")
-        call = Call(scope["method"], body, *wanted.values())
+            if name in CALL_HEADERS:  # ASGI header names are lower case
+                wanted[CALL_HEADERS[name]] = value.decode("latin-1")
+        call = Call(scope["method"], body, **wanted)
         status, content, content_type, extra = self.dataplane.respond(route, call)
-        headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(content)).encode())]
-        headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items())
+        headers = [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(content))]
+        if extra:
+            headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in extra.items())
         return status, headers, content
 
     def _call(self, environ: dict) -> Response:

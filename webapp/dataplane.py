@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import orjson
 
@@ -33,8 +33,7 @@ REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not All
            503: "Service Unavailable"}
 
 
-@dataclass(frozen=True)
-class Call:
+class Call(NamedTuple):
     """What an inference route reads of a request."""
 
     method: str
@@ -100,7 +99,7 @@ class DataPlane:
         data = self._body(call, binary_ok=False)
         inputs, rows = tfserving_codec.parse(wire.json_object(data), found)
         outputs = models.predict(found, inputs)
-        wanted = [o.name for o in found.spec.outputs]
+        wanted = found.spec.output_names
         shaped = (tfserving_codec.predictions if rows else tfserving_codec.columnar)(outputs, wanted)
         return 200, orjson.dumps(shaped, option=orjson.OPT_SERIALIZE_NUMPY), JSON, {}
 

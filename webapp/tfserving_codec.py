@@ -14,11 +14,12 @@ from models.tensor import TensorSpec, from_values
 from webapp.errors import BadRequest
 
 SIGNATURES = ("", "serving_default")
+FIELDS = frozenset({"signature_name", "instances", "inputs"})
 
 
 def parse(body: dict[str, Any], version: ModelVersion) -> tuple[dict[str, np.ndarray], bool]:
     """The request's input arrays, and whether it used the row format."""
-    unknown = set(body) - {"signature_name", "instances", "inputs"}
+    unknown = () if body.keys() <= FIELDS else set(body) - FIELDS
     if unknown:
         raise BadRequest(f"unknown field {sorted(unknown)[0]!r}; a predict request has 'instances' or 'inputs'")
     signature = body.get("signature_name", "")
@@ -110,13 +111,13 @@ def columnar(outputs: dict[str, np.ndarray], wanted: list[str]) -> dict[str, Any
 
 def _rows_of(array: np.ndarray) -> list:
     """One JSON value per row; float rows stay numpy so orjson writes float32 as float32."""
-    if array.dtype == object:
+    if array.dtype.kind == "O":
         return _jsonable(array)
     return list(array) if array.ndim > 1 or array.dtype.kind == "f" else array.tolist()
 
 
 def _jsonable(array: np.ndarray) -> object:
-    if array.dtype == object:
+    if array.dtype.kind == "O":
         return [_text(v) for v in array.reshape(-1)] if array.ndim == 1 else [_jsonable(a) for a in array]
     return array
 

@@ -17,6 +17,7 @@ from webapp import wire
 from webapp.errors import BadRequest
 
 HEADER = "Inference-Header-Content-Length"
+FIELDS = frozenset({"id", "parameters", "inputs", "outputs"})
 _LENGTH = struct.Struct("<I")
 
 
@@ -33,7 +34,7 @@ def parse(data: bytes, header_length: str | None, version: ModelVersion) -> Infe
     """Parse a JSON or JSON-plus-binary infer request against the version's inputs and outputs."""
     split = _header_length(header_length, len(data))
     body = wire.json_object(data[:split])
-    unknown = set(body) - {"id", "parameters", "inputs", "outputs"}
+    unknown = () if body.keys() <= FIELDS else set(body) - FIELDS
     if unknown:
         raise BadRequest(f"unknown field {sorted(unknown)[0]!r} in the infer request")
     request_id = body.get("id")
@@ -78,7 +79,7 @@ def _parameters(table: dict, where: str) -> dict:
 def _inputs(entries: object, version: ModelVersion, reader: _Binary) -> dict[str, np.ndarray]:
     if not isinstance(entries, list) or not entries:
         raise BadRequest("'inputs' must be a non-empty list of tensors")
-    specs = {t.name: t for t in version.spec.inputs}
+    specs = version.spec.inputs_by_name
     inputs: dict[str, np.ndarray] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
