@@ -80,7 +80,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def live_server() -> Iterator[str]:
     """The web process under gunicorn with the project's config, on a free port; answers its base URL."""
     port = free_port()
-    env = {**os.environ, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "2", "REDIS_URL": REDIS_URL}
+    # one worker: once it answers it has booted, so the SIGTERM at teardown cannot reach a worker
+    # still starting, which gunicorn would only stop after its graceful timeout
+    env = {**os.environ, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "1", "REDIS_URL": REDIS_URL}
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
