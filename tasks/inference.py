@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 from celery import shared_task
 from celery.signals import worker_process_init
 
@@ -33,8 +32,4 @@ def predict(model: str, version: int | None, inputs: dict[str, Any]) -> dict[str
     """Run one prediction on JSON inputs; the JSON-ready outputs are the job's result."""
     found = registry().get(model, version)
     outputs = run_model(found, arrays(found, inputs))
-    return {name: _jsonable(array) for name, array in outputs.items()}
-
-
-def _jsonable(array: np.ndarray) -> Any:
-    return array.tolist()
+    return {name: array.tolist() for name, array in outputs.items()}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import io
 import json
 import zlib
 from collections.abc import Callable
@@ -12,7 +11,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from flask.testing import FlaskClient
-from PIL import Image
+from samples import digit_png, error_of, iris_reference
 from sklearn.datasets import load_digits
 from werkzeug.test import TestResponse
 
@@ -25,36 +24,11 @@ ROWS = [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]
 LABELS = spec.load(PACKAGE_DIR / "iris").labels
 PREDICT = "/v1/models/iris:predict"
 
-
 @pytest.fixture(scope="module")
 def reference() -> dict[str, np.ndarray]:
     """What the committed iris artefact answers for ROWS when onnxruntime runs it directly."""
-    import onnxruntime as ort  # not at module level: see models/runtime.py
+    return iris_reference(ROWS)
 
-    session = ort.InferenceSession(str(PACKAGE_DIR / "iris" / "1" / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    label, probabilities = session.run(["label", "probabilities"], {"features": np.float32(ROWS)})
-    return {"label": label, "probabilities": probabilities, "label_name": [LABELS[i] for i in label]}
-
-
-def error_of(response: TestResponse, status: int) -> str:
-    """Check that `response` is a JSON error with `status`; answer its message."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.is_json
-    message = response.get_json()["error"]
-    assert isinstance(message, str) and message
-    return message
-
-
-def digit_png(pixels: np.ndarray) -> bytes:
-    """Draw one of scikit-learn's 8x8 digits as a PNG: upscaled, dark ink on a larger light page."""
-    ink = np.asarray(pixels, np.float32).reshape(8, 8)
-    glyph = Image.fromarray(np.rint(255 - ink * 255 / 16).astype(np.uint8), "L")
-    page = Image.new("L", (64, 64), 255)
-    page.paste(glyph.resize((32, 32), Image.Resampling.NEAREST), (13, 20))
-    out = io.BytesIO()
-    page.save(out, "PNG")
-    return out.getvalue()
 
 
 def b64(data: bytes) -> dict[str, str]:
@@ -157,7 +131,7 @@ def test_columnar_format_answers_outputs(
     assert set(outputs) == {"label", "probabilities", "label_name"}
     assert outputs["label"] == reference["label"].tolist()
     np.testing.assert_allclose(outputs["probabilities"], reference["probabilities"], rtol=1e-6)
-    assert outputs["label_name"] == reference["label_name"]
+    assert outputs["label_name"] == reference["label_name"].tolist()
 
 
 def test_other_signature_names_are_refused(client: FlaskClient) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flask.testing import FlaskClient
-from PIL import Image
+from samples import digit_png, error_of, iris_reference
 from sklearn.datasets import load_digits
 from werkzeug.test import TestResponse
 
@@ -26,26 +25,11 @@ HEADER = "Inference-Header-Content-Length"
 LENGTH = struct.Struct("<I")
 NUMPY = {"FP32": np.dtype("<f4"), "INT64": np.dtype("<i8")}
 
-
 @pytest.fixture(scope="module")
 def reference() -> dict[str, np.ndarray]:
     """What the committed iris artefact answers for ROWS when onnxruntime runs it directly."""
-    import onnxruntime as ort  # not at module level: see models/runtime.py
+    return iris_reference(ROWS)
 
-    session = ort.InferenceSession(str(PACKAGE_DIR / "iris" / "1" / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    label, probabilities = session.run(["label", "probabilities"], {"features": ROWS})
-    names = np.array([LABELS[i] for i in label])
-    return {"label": label, "probabilities": probabilities, "label_name": names}
-
-
-def error_of(response: TestResponse, status: int) -> str:
-    """Check that `response` is a JSON error with `status`; answer its message."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.is_json
-    message = response.get_json()["error"]
-    assert isinstance(message, str) and message
-    return message
 
 
 def features(data: object, shape: list[int] | None = None, datatype: str = "FP32") -> dict:
@@ -115,17 +99,6 @@ def decode_tensor(chunk: bytes, datatype: str, shape: list[int]) -> np.ndarray:
         items.append(chunk[offset + 4:offset + 4 + length].decode())
         offset += 4 + length
     return np.array(items).reshape(shape)
-
-
-def digit_png(pixels: np.ndarray) -> bytes:
-    """Draw one of scikit-learn's 8x8 digits as a PNG: upscaled, dark ink on a larger light page."""
-    ink = np.asarray(pixels, np.float32).reshape(8, 8)
-    glyph = Image.fromarray(np.rint(255 - ink * 255 / 16).astype(np.uint8), "L")
-    page = Image.new("L", (64, 64), 255)
-    page.paste(glyph.resize((32, 32), Image.Resampling.NEAREST), (13, 20))
-    out = io.BytesIO()
-    page.save(out, "PNG")
-    return out.getvalue()
 
 
 # --- server and model metadata ------------------------------------------------------------------------------

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from PIL import Image
+from samples import digit_png, iris_reference
 from sklearn.datasets import load_digits
 from tritonclient.utils import InferenceServerException
 
@@ -20,6 +19,12 @@ ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5], [5.9, 3.0, 4.2, 1.5
 LABELS = spec.load(PACKAGE_DIR / "iris").labels
 OUTPUTS = ("label", "probabilities", "label_name")
 
+@pytest.fixture(scope="module")
+def reference() -> dict[str, np.ndarray]:
+    """What the committed iris artefact answers for ROWS when onnxruntime runs it directly."""
+    return iris_reference(ROWS)
+
+
 
 @pytest.fixture(scope="module")
 def client(live_server: str) -> Iterator[triton.InferenceServerClient]:
@@ -27,29 +32,6 @@ def client(live_server: str) -> Iterator[triton.InferenceServerClient]:
     connection = triton.InferenceServerClient(live_server.removeprefix("http://"))
     yield connection
     connection.close()
-
-
-@pytest.fixture(scope="module")
-def reference() -> dict[str, np.ndarray]:
-    """What the committed iris artefact answers for ROWS when onnxruntime runs it directly."""
-    import onnxruntime as ort  # not at module level: see models/runtime.py
-
-    session = ort.InferenceSession(str(PACKAGE_DIR / "iris" / "1" / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    label, probabilities = session.run(["label", "probabilities"], {"features": ROWS})
-    names = np.array([LABELS[i] for i in label])
-    return {"label": label, "probabilities": probabilities, "label_name": names}
-
-
-def digit_png(pixels: np.ndarray) -> bytes:
-    """Draw one of scikit-learn's 8x8 digits as a PNG: upscaled, dark ink on a larger light page."""
-    ink = np.asarray(pixels, np.float32).reshape(8, 8)
-    glyph = Image.fromarray(np.rint(255 - ink * 255 / 16).astype(np.uint8), "L")
-    page = Image.new("L", (64, 64), 255)
-    page.paste(glyph.resize((32, 32), Image.Resampling.NEAREST), (13, 20))
-    out = io.BytesIO()
-    page.save(out, "PNG")
-    return out.getvalue()
 
 
 def text(values: np.ndarray) -> list[str]:

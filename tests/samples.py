@@ -1,0 +1,45 @@
+"""Sample inputs and reference answers shared by the protocol tests."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+from werkzeug.test import TestResponse
+
+from models import spec
+from models.config import PACKAGE_DIR
+
+IRIS_LABELS = spec.load(PACKAGE_DIR / "iris").labels
+
+
+def iris_reference(rows: object) -> dict[str, np.ndarray]:
+    """What the committed iris artefact answers for `rows` when onnxruntime runs it directly."""
+    import onnxruntime as ort  # not at module level: see models/runtime.py
+
+    session = ort.InferenceSession(str(PACKAGE_DIR / "iris" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    label, probabilities = session.run(["label", "probabilities"], {"features": np.float32(rows)})
+    names = np.array([IRIS_LABELS[i] for i in label])
+    return {"label": label, "probabilities": probabilities, "label_name": names}
+
+
+def error_of(response: TestResponse, status: int) -> str:
+    """Check that `response` is a JSON error with `status`; answer its message."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.is_json
+    message = response.get_json()["error"]
+    assert isinstance(message, str) and message
+    return message
+
+
+def digit_png(pixels: np.ndarray) -> bytes:
+    """Draw one of scikit-learn's 8x8 digits as a PNG: upscaled, dark ink on a larger light page."""
+    ink = np.asarray(pixels, np.float32).reshape(8, 8)
+    glyph = Image.fromarray(np.rint(255 - ink * 255 / 16).astype(np.uint8), "L")
+    page = Image.new("L", (64, 64), 255)
+    page.paste(glyph.resize((32, 32), Image.Resampling.NEAREST), (13, 20))
+    out = io.BytesIO()
+    page.save(out, "PNG")
+    return out.getvalue()
