@@ -6,7 +6,6 @@ Celery, Redis nor SQLAlchemy.
 
 from models.config import Settings
 from models.errors import (
-    InferenceFailed,
     InputTooLarge,
     InvalidInput,
     ModelError,
@@ -19,7 +18,6 @@ from models.inference import arrays, predict, prepare
 from models.registry import Model, ModelVersion, Registry
 
 __all__ = [
-    "InferenceFailed",
     "InputTooLarge",
     "InvalidInput",
     "Model",

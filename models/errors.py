@@ -25,10 +25,6 @@ class InputTooLarge(ModelError):
     """An input (an image, a tensor) exceeds a configured limit."""
 
 
-class InferenceFailed(ModelError):
-    """The runtime failed on inputs that passed validation."""
-
-
 class SpecError(ModelError):
     """A model's spec or artefact is broken; the message names the file and the field."""
 

@@ -35,19 +35,12 @@ class UnsupportedMediaType(RequestError):
     status = 415
 
 
-class Unavailable(RequestError):
-    """The service cannot answer now; the client may retry."""
-
-    status = 503
-
-
 STATUS: dict[type[Exception], int] = {
     models.ModelNotFound: 404,
     models.VersionNotFound: 404,
     models.InvalidInput: 400,
     models.InputTooLarge: 413,
     models.ModelNotReady: 503,
-    models.InferenceFailed: 500,
     models.SpecError: 500,
 }
 
