@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from models import dtype, image, postprocess
+from models.dtype import DType
 from models.errors import SpecError
 from models.fields import Fields
 from models.tensor import TensorSpec
@@ -75,6 +76,11 @@ class ModelSpec:
     def output_names(self) -> list[str]:
         """Names of every output, the derived ones included, in declared order."""
         return [o.name for o in self.outputs]
+
+    @functools.cached_property
+    def output_dtypes(self) -> dict[str, DType]:
+        """The element type of every output by name."""
+        return {o.name: o.dtype for o in self.outputs}
 
     @functools.cached_property
     def derived_outputs(self) -> tuple[TensorSpec, ...]:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import math
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -19,10 +18,10 @@ from webapp.errors import BadRequest
 HEADER = "Inference-Header-Content-Length"
 FIELDS = frozenset({"id", "parameters", "inputs", "outputs"})
 _LENGTH = struct.Struct("<I")
+_NONE: dict = {}
 
 
-@dataclass(frozen=True)
-class InferRequest:
+class InferRequest(NamedTuple):
     """A parsed infer request: its id, input arrays, and the outputs wanted (name, as binary?)."""
 
     id: str | None
@@ -33,7 +32,7 @@ class InferRequest:
 def parse(data: bytes, header_length: str | None, version: ModelVersion) -> InferRequest:
     """Parse a JSON or JSON-plus-binary infer request against the version's inputs and outputs."""
     split = _header_length(header_length, len(data))
-    body = wire.json_object(data[:split])
+    body = wire.json_object(data if split == len(data) else data[:split])
     unknown = () if body.keys() <= FIELDS else set(body) - FIELDS
     if unknown:
         raise BadRequest(f"unknown field {sorted(unknown)[0]!r} in the infer request")
@@ -43,7 +42,7 @@ def parse(data: bytes, header_length: str | None, version: ModelVersion) -> Infe
     binary_output = _parameters(body, "request").get("binary_data_output", False)
     if not isinstance(binary_output, bool):
         raise BadRequest("parameter 'binary_data_output' must be a boolean")
-    reader = _Binary(memoryview(data)[split:])
+    reader = _Binary(memoryview(data)[split:]) if split < len(data) else NO_BINARY
     inputs = _inputs(body.get("inputs"), version, reader)
     reader.finish()
     outputs = _outputs(body.get("outputs"), version, binary_output)
@@ -70,7 +69,9 @@ def _header_length(value: str | None, size: int) -> int:
 
 
 def _parameters(table: dict, where: str) -> dict:
-    parameters = table.get("parameters", {})
+    parameters = table.get("parameters")
+    if parameters is None:
+        return _NONE
     if not isinstance(parameters, dict):
         raise BadRequest(f"{where} 'parameters' must be an object")
     return parameters
@@ -147,6 +148,10 @@ class _Binary:
             raise BadRequest(f"{len(self.data) - self.offset} bytes after the JSON header belong to no input")
 
 
+NO_BINARY = _Binary(memoryview(b""))
+"""The reader of a request with no binary part: only zero-sized binary tensors fit it."""
+
+
 def _split_bytes(chunk: memoryview, count: int, where: str) -> np.ndarray:
     items, offset = [], 0
     while offset < len(chunk):
@@ -165,7 +170,7 @@ def _split_bytes(chunk: memoryview, count: int, where: str) -> np.ndarray:
 
 
 def _outputs(entries: object, version: ModelVersion, binary_default: bool) -> list[tuple[str, bool]]:
-    names = [o.name for o in version.spec.outputs]
+    names = version.spec.output_names
     if entries is None:
         return [(name, binary_default) for name in names]
     if not isinstance(entries, list):
@@ -186,7 +191,7 @@ def _outputs(entries: object, version: ModelVersion, binary_default: bool) -> li
 
 def response(version: ModelVersion, request: InferRequest, outputs: dict[str, np.ndarray]) -> tuple[bytes, int]:
     """The response body, and the length of its JSON header when binary outputs follow (else 0)."""
-    dtypes = {o.name: o.dtype for o in version.spec.outputs}
+    dtypes = version.spec.output_dtypes
     entries: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for name, binary in request.outputs:
