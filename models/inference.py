@@ -25,15 +25,19 @@ def arrays(version: ModelVersion, values: Mapping[str, object]) -> dict[str, np.
             for t in version.spec.inputs if t.name in values}
 
 
-def prepare(version: ModelVersion, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Turn client arrays into the exact feeds the graph takes, or raise InvalidInput saying why."""
+def prepare(version: ModelVersion, inputs: Mapping[str, np.ndarray], images: bool = True) -> dict[str, np.ndarray]:
+    """Turn client arrays into the exact feeds the graph takes, or raise InvalidInput saying why.
+
+    With `images=False`, encoded images are only checked to be a list, not decoded: the check a web
+    process makes before it queues a job whose images a worker will preprocess.
+    """
     spec = version.spec
     _check_names(version, inputs)
     feeds: dict[str, np.ndarray] = {}
     for t in spec.inputs:
         if t.name not in inputs:
             raise InvalidInput(f"missing input {t.name!r} {t.dtype.name} {t.shape_text()}")
-        feeds[t.name] = _feed(t, inputs[t.name], version.max_image_pixels)
+        feeds[t.name] = _feed(t, inputs[t.name], version.max_image_pixels, images)
     rows = {len(f) for f in feeds.values()}
     if len(rows) > 1:
         raise InvalidInput(f"inputs disagree on the batch size: {sorted(rows)}")
@@ -53,9 +57,11 @@ def _check_names(version: ModelVersion, inputs: Mapping[str, object]) -> None:
                            f"{', '.join(repr(t.name) for t in spec.inputs)}")
 
 
-def _feed(t: TensorSpec, value: np.ndarray, max_pixels: int) -> np.ndarray:
+def _feed(t: TensorSpec, value: np.ndarray, max_pixels: int, images: bool = True) -> np.ndarray:
     where = f"input {t.name!r}"
     if t.image is not None and value.dtype.kind == "O" and not t.dtype.is_bytes:
+        if not images:
+            return _image_list(value, where)
         value = _images(t, value, max_pixels, where)
     else:
         value = tensor.cast(value, t.dtype, where)
@@ -63,11 +69,16 @@ def _feed(t: TensorSpec, value: np.ndarray, max_pixels: int) -> np.ndarray:
     return value
 
 
-def _images(t: TensorSpec, value: np.ndarray, max_pixels: int, where: str) -> np.ndarray:
+def _image_list(value: np.ndarray, where: str) -> np.ndarray:
     if value.ndim == 2 and value.shape[1] == 1:
         value = value[:, 0]
     if value.ndim != 1:
         raise InvalidInput(f"{where}: expected a list of encoded images, got shape {list(value.shape)}")
+    return value
+
+
+def _images(t: TensorSpec, value: np.ndarray, max_pixels: int, where: str) -> np.ndarray:
+    value = _image_list(value, where)
     items = []
     for i, data in enumerate(value):
         try:

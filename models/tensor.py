@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
+import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,3 +109,51 @@ def _utf8(text: str, where: str) -> bytes:
         return text.encode()
     except UnicodeEncodeError:  # a lone surrogate: JSON can carry one as an escape such as "\ud800"
         raise InvalidInput(f"{where}: text that is not valid Unicode") from None
+
+
+_LENGTH = struct.Struct("<I")
+
+
+def pack(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """Serialise named arrays into one buffer: a JSON header, then each array's little-endian bytes.
+
+    Arrays of byte strings (encoded images, labels) are stored element by element, each with its length.
+    """
+    header, chunks = [], []
+    for name, array in arrays.items():
+        if array.dtype.kind == "O":
+            items = [v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1)]
+            raw, dtype = b"".join(_LENGTH.pack(len(v)) + v for v in items), "bytes"
+        else:
+            little = array.dtype.newbyteorder("<")
+            raw, dtype = np.ascontiguousarray(array, dtype=little).tobytes(), little.str
+        header.append({"name": name, "dtype": dtype, "shape": list(array.shape), "size": len(raw)})
+        chunks.append(raw)
+    head = json.dumps(header).encode()
+    return _LENGTH.pack(len(head)) + head + b"".join(chunks)
+
+
+def unpack(data: bytes) -> dict[str, np.ndarray]:
+    """The named arrays `pack` serialised (byte-string arrays come back as arrays of bytes)."""
+    (length,) = _LENGTH.unpack_from(data, 0)
+    offset = 4 + length
+    arrays: dict[str, np.ndarray] = {}
+    for entry in json.loads(data[4:offset]):
+        raw = memoryview(data)[offset:offset + entry["size"]]
+        offset += entry["size"]
+        if entry["dtype"] == "bytes":
+            arrays[entry["name"]] = _unpack_bytes(raw, entry["shape"])
+        else:
+            arrays[entry["name"]] = np.frombuffer(raw, dtype=np.dtype(entry["dtype"])).reshape(entry["shape"])
+    return arrays
+
+
+def _unpack_bytes(raw: memoryview, shape: list[int]) -> np.ndarray:
+    items, offset = [], 0
+    while offset < len(raw):
+        (size,) = _LENGTH.unpack_from(raw, offset)
+        items.append(bytes(raw[offset + 4:offset + 4 + size]))
+        offset += 4 + size
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array.reshape(shape)

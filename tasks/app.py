@@ -40,6 +40,8 @@ def celery_config(settings: TaskSettings) -> dict[str, Any]:
         "accept_content": ["json"],
         "task_acks_late": True,
         "task_reject_on_worker_lost": False,
+        "task_retry_on_worker_lost": True,
+        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0, "interval_step": 0.2},
         "task_track_started": True,
         "task_time_limit": settings.task_time_limit_s,
         "task_soft_time_limit": int(settings.task_time_limit_s * 0.9),

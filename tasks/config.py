@@ -17,6 +17,8 @@ class TaskSettings:
     """DATABASE_URL: SQL store of batch jobs, e.g. mysql+pymysql://user:pass@host:3306/db."""
     result_expires_s: int = 24 * 3600
     """RESULT_EXPIRES_S: how long a job's result is kept in Redis."""
+    job_id_retention_s: int = 7 * 24 * 3600
+    """JOB_ID_RETENTION_S: how long an issued job id is remembered, so an expired job answers 410, not 404."""
     visibility_timeout_s: int = 3600
     """VISIBILITY_TIMEOUT_S: an unacknowledged job is redelivered after this long; keep tasks far shorter."""
     task_time_limit_s: int = 300
@@ -33,6 +35,7 @@ class TaskSettings:
             redis_url=env.get("REDIS_URL") or cls.redis_url,
             database_url=env.get("DATABASE_URL") or cls.database_url,
             result_expires_s=int(env.get("RESULT_EXPIRES_S", cls.result_expires_s)),
+            job_id_retention_s=int(env.get("JOB_ID_RETENTION_S", cls.job_id_retention_s)),
             visibility_timeout_s=int(env.get("VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s)),
             task_time_limit_s=int(env.get("TASK_TIME_LIMIT_S", cls.task_time_limit_s)),
             flower_user=env.get("FLOWER_USER", cls.flower_user),

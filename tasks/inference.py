@@ -1,16 +1,26 @@
-"""Prediction tasks: thin wrappers over the one prediction entry point in `models`."""
+"""Prediction tasks: thin wrappers over the one prediction entry point in `models`.
+
+A task receives a job id; the job's inputs wait in Redis under a TTL. Bad inputs end the job
+`failed` with the reason, never in a retry loop; a worker lost mid-task is retried a bounded
+number of times (`task_retry_on_worker_lost`), then the job is failed with that reason.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from celery import shared_task
-from celery.signals import worker_process_init
+import redis
+from celery import Task, shared_task
+from celery.signals import task_failure, worker_process_init
 
-from models import Registry, Settings, arrays
-from models import predict as run_model
+import models
+from models import Registry, Settings
+from models.tensor import pack, unpack
+from tasks.config import TaskSettings
+from tasks.jobs import JobStore
 
 _registry: Registry | None = None
+_jobs: JobStore | None = None
 
 
 def registry() -> Registry:
@@ -21,15 +31,44 @@ def registry() -> Registry:
     return _registry
 
 
+def jobs() -> JobStore:
+    """This worker process's job store, made on first use."""
+    global _jobs
+    if _jobs is None:
+        settings = TaskSettings.from_env()
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        _jobs = JobStore(client, settings.result_expires_s, settings.job_id_retention_s)
+    return _jobs
+
+
 @worker_process_init.connect
 def _warm(**_: Any) -> None:
     """Load every model's session in each new worker child, so faults show at start-up."""
     registry().warm()
 
 
-@shared_task(name="predict", acks_late=True)
-def predict(model: str, version: int | None, inputs: dict[str, Any]) -> dict[str, Any]:
-    """Run one prediction on JSON inputs; the JSON-ready outputs are the job's result."""
-    found = registry().get(model, version)
-    outputs = run_model(found, arrays(found, inputs))
-    return {name: array.tolist() for name, array in outputs.items()}
+@shared_task(name="predict", bind=True, acks_late=True, max_retries=3)
+def predict(self: Task, job_id: str) -> dict[str, str]:
+    """Run one queued job; its outputs go to the job's record, the return value is a summary."""
+    store = jobs()
+    if not store.start(job_id):
+        return {"job_id": job_id, "status": "skipped: cancelled, finished or expired"}
+    inputs = store.inputs(job_id)
+    job = store.get(job_id)
+    try:
+        if inputs is None:
+            raise models.InvalidInput("the job's inputs expired before it ran")
+        outputs = models.predict(registry().get(job.model, job.version), unpack(inputs))
+    except models.ModelError as exc:
+        store.fail(job_id, str(exc))
+        return {"job_id": job_id, "status": "failed"}
+    store.succeed(job_id, pack(outputs))
+    return {"job_id": job_id, "status": "succeeded"}
+
+
+@task_failure.connect
+def _record_failure(sender: Task | None = None, task_id: str | None = None, exception: BaseException | None = None,
+                    **_: Any) -> None:
+    """A task that raised or whose worker was lost past its retries fails its job with the reason."""
+    if sender is not None and sender.name == "predict" and task_id:
+        jobs().fail(task_id, f"{type(exception).__name__}: {exception}")

@@ -24,6 +24,18 @@ DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "mysql+pymysql://root@127.0.0
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def redis_url() -> Iterator[str]:
+    """The test Redis, also where tasks run in-process (eager mode) keep their jobs."""
+    previous = os.environ.get("REDIS_URL")
+    os.environ["REDIS_URL"] = REDIS_URL
+    yield REDIS_URL
+    if previous is None:
+        del os.environ["REDIS_URL"]
+    else:
+        os.environ["REDIS_URL"] = previous
+
+
 @pytest.fixture
 def app() -> Flask:
     """The app over the committed model repository."""
@@ -62,7 +74,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
     problems = []
     try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).flushdb()  # the suite's own database
     except redis.RedisError as exc:
         problems.append(f"Redis at {REDIS_URL}: {exc}")
     try:

@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import math
+import os
 import struct
 import zlib
 
@@ -27,7 +28,9 @@ from werkzeug.test import TestResponse
 from models.tensor import TensorSpec
 from webapp import create_app
 
-APP = create_app({"TESTING": True})
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+APP = create_app({"TESTING": True, "redis_url": REDIS_URL, "result_expires_s": 60})
 CLIENT = APP.test_client()
 REGISTRY = APP.extensions["registry"]
 MODELS = ("iris", "digits-light")

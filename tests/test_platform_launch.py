@@ -16,8 +16,6 @@ from pathlib import Path
 import pytest
 import requests
 
-from tasks import TaskSettings, create_celery
-
 ROOT = Path(__file__).resolve().parent.parent
 IRIS = [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]
 LAUNCH_REDIS_URL = os.environ.get("TEST_LAUNCH_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -95,13 +93,17 @@ def embedded_platform(tmp_path: Path) -> Iterator[Platform]:
     yield from _launch(tmp_path, None)
 
 
-def _queued_prediction(redis_url: str) -> dict:
-    """Run the `predict` task through the platform's real worker and answer its result."""
-    celery = create_celery(TaskSettings(redis_url=redis_url))
-    try:
-        return celery.tasks["predict"].delay("iris", None, {"features": IRIS}).get(timeout=60)
-    finally:
-        celery.close()
+def _queued_prediction(platform: Platform) -> dict:
+    """Submit a job to the platform's web process, let its worker run it, answer the finished job."""
+    submitted = requests.post(f"{platform.web}/v1/models/iris:submit", json={"instances": IRIS}, timeout=10)
+    assert submitted.status_code == 202, submitted.text
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job = requests.get(platform.web + submitted.json()["status_url"], timeout=10).json()
+        if job["status"] not in ("queued", "running"):
+            return job
+        time.sleep(0.05)
+    pytest.fail(f"job not finished in 60 s: {job}")
 
 
 def _stop(platform: Platform) -> int:
@@ -114,10 +116,9 @@ def test_make_run_serves_queues_and_shows_flower_then_stops_on_ctrl_c(platform: 
     answer = requests.post(f"{platform.web}/v1/models/iris:predict", json={"instances": IRIS}, timeout=10).json()
     assert [p["label_name"] for p in answer["predictions"]] == ["setosa", "virginica"]
 
-    queued = _queued_prediction(LAUNCH_REDIS_URL)
-    assert queued["label_name"] == ["setosa", "virginica"]
-    for got, expected in zip(queued["probabilities"], answer["predictions"], strict=True):
-        assert got == pytest.approx(expected["probabilities"], abs=1e-6)
+    job = _queued_prediction(platform)
+    assert job["status"] == "succeeded", job
+    assert job["result"] == answer
 
     _wait(platform, f"{platform.flower}/api/workers?refresh=1", auth=("ops", "s3cret"))
     assert requests.get(f"{platform.flower}/api/workers", timeout=5).status_code == 401
@@ -137,7 +138,7 @@ def test_make_run_without_redis_url_starts_and_stops_its_own_redis(embedded_plat
     redis_url = found.group(1)
     assert redis_url != LAUNCH_REDIS_URL
 
-    assert _queued_prediction(redis_url)["label_name"] == ["setosa", "virginica"]
+    assert _queued_prediction(embedded_platform)["status"] == "succeeded"
 
     assert _stop(embedded_platform) == 0
     assert not _port_open(redis_url)

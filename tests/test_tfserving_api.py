@@ -11,12 +11,12 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 from flask.testing import FlaskClient
-from samples import digit_png, error_of, iris_reference
 from sklearn.datasets import load_digits
 from werkzeug.test import TestResponse
 
 from models import spec
 from models.config import PACKAGE_DIR
+from samples import digit_png, error_of, iris_reference
 from webapp import create_app
 
 ROWS = [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]

@@ -7,12 +7,12 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from samples import digit_png, iris_reference
 from sklearn.datasets import load_digits
 from tritonclient.utils import InferenceServerException
 
 from models import spec
 from models.config import PACKAGE_DIR
+from samples import digit_png, iris_reference
 
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5], [5.9, 3.0, 4.2, 1.5]], np.float32)
 """Three iris flowers, one of each species."""

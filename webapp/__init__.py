@@ -7,11 +7,13 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import redis
 from flask import Flask
 
 from models import Registry, Settings
 from tasks import TaskSettings, create_celery
-from webapp import catalog, errors, tfserving, v2
+from tasks.jobs import JobStore
+from webapp import catalog, errors, jobs, tfserving, v2
 from webapp.config import WebSettings
 from webapp.dataplane import DataPlane
 
@@ -30,13 +32,15 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     registry = app.extensions["registry"] = Registry(model_settings)
     task_settings = _settings(TaskSettings.from_env(), overrides)
     app.extensions["celery"] = create_celery(task_settings, celery_options)
+    client = redis.Redis.from_url(task_settings.redis_url, socket_timeout=2, socket_connect_timeout=1)
+    app.extensions["jobs"] = JobStore(client, task_settings.result_expires_s, task_settings.job_id_retention_s)
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
     for name in ("models", "webapp"):
         logging.getLogger(name).setLevel(web_settings.log_level)
     errors.register(app)
     app.url_map.converters["model"] = tfserving.ModelName
-    for blueprint in (catalog.bp, tfserving.bp, v2.bp):
+    for blueprint in (catalog.bp, tfserving.bp, v2.bp, jobs.bp):
         app.register_blueprint(blueprint)
     app.wsgi_app = DataPlane(registry, app.wsgi_app, web_settings.max_request_bytes)  # type: ignore[method-assign]
     return app

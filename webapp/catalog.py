@@ -12,7 +12,7 @@ from webapp.responses import json_response
 
 bp = Blueprint("catalog", __name__)
 
-PATTERNS = ("serving-template", "web-single", "synchronous")
+PATTERNS = ("serving-template", "web-single", "synchronous", "asynchronous")
 """Serving patterns every model takes part in."""
 
 

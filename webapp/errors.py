@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 
+import kombu.exceptions
+import redis
 from flask import Flask, Response, current_app
 from werkzeug.exceptions import HTTPException
 
 import models
+from tasks.jobs import JobExpired, JobNotFound
 from webapp.responses import json_response
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,12 @@ class PayloadTooLarge(RequestError):
     status = 413
 
 
+class Conflict(RequestError):
+    """The resource is in a state that does not allow the request."""
+
+    status = 409
+
+
 class UnsupportedMediaType(RequestError):
     """A content type or encoding the endpoint does not take."""
 
@@ -36,6 +45,8 @@ class UnsupportedMediaType(RequestError):
 
 
 STATUS: dict[type[Exception], int] = {
+    JobNotFound: 404,
+    JobExpired: 410,
     models.ModelNotFound: 404,
     models.VersionNotFound: 404,
     models.InvalidInput: 400,
@@ -56,12 +67,22 @@ def register(app: Flask) -> None:
     """Answer every error, ours, Werkzeug's and unexpected ones, as JSON."""
     app.register_error_handler(RequestError, _known)
     app.register_error_handler(models.ModelError, _known)
+    app.register_error_handler(JobNotFound, _known)
+    app.register_error_handler(JobExpired, _known)
+    app.register_error_handler(redis.RedisError, _queue_down)
+    app.register_error_handler(kombu.exceptions.OperationalError, _queue_down)
     app.register_error_handler(HTTPException, _http)
     app.register_error_handler(Exception, _unexpected)
 
 
 def _known(exc: Exception) -> Response:
     return json_response({"error": str(exc)}, status_of(exc))
+
+
+def _queue_down(exc: Exception) -> Response:
+    log.warning("queue unavailable: %s", exc)
+    body = {"error": "the job queue is unavailable; retry shortly (synchronous :predict keeps working)"}
+    return json_response(body, 503, {"Retry-After": "5"})
 
 
 def _http(exc: HTTPException) -> Response:

@@ -8,6 +8,7 @@ from typing import Any
 ERROR = {"$ref": "#/components/schemas/Error"}
 NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
+JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 HEADER_LENGTH = {
     "name": "Inference-Header-Content-Length", "in": "header", "required": False,
     "description": "length of the JSON header when binary tensor data follows it",
@@ -21,8 +22,9 @@ def _json(schema: dict, description: str) -> dict:
 
 
 def _errors(*codes: int) -> dict:
-    reasons = {400: "invalid request", 404: "unknown model or version", 413: "body or image too large",
-               415: "unsupported content type or encoding", 503: "not ready"}
+    reasons = {400: "invalid request", 404: "unknown model, version or job", 409: "the job has started",
+               410: "the job has expired", 413: "body or image too large",
+               415: "unsupported content type or encoding", 503: "not ready, or the job queue is unavailable"}
     return {str(c): _json(ERROR, reasons[c]) for c in codes}
 
 
@@ -30,9 +32,9 @@ def _get(summary: str, schema: dict, *codes: int) -> dict:
     return {"get": {"summary": summary, "responses": {"200": _json(schema, "OK"), **_errors(*codes)}}}
 
 
-def _post(summary: str, body: dict, schema: dict, binary: bool = False) -> dict:
+def _post(summary: str, body: dict, schema: dict, binary: bool = False, status: str = "200") -> dict:
     content = {"application/json": {"schema": body}}
-    ok = _json(schema, "OK")
+    ok = _json(schema, "OK" if status == "200" else "Accepted")
     operation: dict = {"summary": summary}
     if binary:  # the binary tensor data extension: a JSON header, then raw tensor bytes
         content["application/octet-stream"] = {"schema": BINARY}
@@ -41,7 +43,7 @@ def _post(summary: str, body: dict, schema: dict, binary: bool = False) -> dict:
     return {"post": {
         **operation,
         "requestBody": {"required": True, "content": content},
-        "responses": {"200": ok, **_errors(400, 404, 413, 415, 503)},
+        "responses": {status: ok, **_errors(400, 404, 413, 415, 503)},
     }}
 
 
@@ -67,6 +69,12 @@ def document() -> dict[str, Any]:
     _versioned(paths, "/v1/models/{name}", _get("Signature metadata", obj, 404), "/metadata")
     _versioned(paths, "/v1/models/{name}", _post("Predict (TF Serving REST)", _schema("TFPredict"), obj),
                ":predict")
+    _versioned(paths, "/v1/models/{name}", _post("Queue a prediction (a job)", _schema("TFPredict"),
+                                                 _schema("JobAccepted"), status="202"), ":submit")
+    job = _get("A job's state and result", _schema("Job"), 404, 410)
+    job["delete"] = {"summary": "Cancel a queued job",
+                     "responses": {"200": _json(_schema("Job"), "OK"), **_errors(404, 409, 410)}}
+    paths["/v1/jobs/{job_id}"] = {verb: {**op, "parameters": [JOB_ID]} for verb, op in job.items()}
     _versioned(paths, "/v2/models/{name}", _get("Model metadata", obj, 404))
     _versioned(paths, "/v2/models/{name}", _get("Model readiness", obj, 404, 503), "/ready")
     _versioned(paths, "/v2/models/{name}", _post("Infer (Open Inference Protocol V2)", _schema("V2Infer"),
@@ -102,7 +110,24 @@ _V2_TENSOR = {
         "data": {"type": "array"},
     },
 }
+_TIME = {"type": ["string", "null"], "format": "date-time"}
 SCHEMAS: dict[str, Any] = {
+    "JobAccepted": {
+        "type": "object", "required": ["job_id", "status_url"],
+        "properties": {"job_id": {"type": "string", "format": "uuid"}, "status_url": {"type": "string"}},
+    },
+    "Job": {
+        "type": "object",
+        "required": ["job_id", "status", "model", "version", "created_at", "started_at", "finished_at"],
+        "properties": {
+            "job_id": {"type": "string", "format": "uuid"},
+            "status": {"enum": ["queued", "running", "succeeded", "failed", "cancelled"]},
+            "model": {"type": "string"}, "version": {"type": "integer"},
+            "created_at": _TIME, "started_at": _TIME, "finished_at": _TIME,
+            "result": {"type": "object", "description": "the answer :predict gives for the same body"},
+            "error": {"type": "string"},
+        },
+    },
     "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
     "TFPredict": {
         "type": "object",

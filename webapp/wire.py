@@ -7,10 +7,18 @@ import zlib
 from typing import Any
 
 import orjson
+from flask import Request, current_app
 
 from webapp.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 ENCODINGS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS}
+
+
+def read(request: Request, binary_ok: bool = False) -> bytes:
+    """A Flask request's body, decompressed, after checking its content type and size."""
+    check_content_type(request.mimetype, binary_ok)
+    encoding = request.headers.get("Content-Encoding", "")
+    return decode(request.get_data(cache=False), encoding, current_app.config["MAX_CONTENT_LENGTH"])
 
 
 def check_content_type(mimetype: str, binary_ok: bool = False) -> None:

@@ -1,0 +1,140 @@
+"""Jobs in Redis: their record, their inputs and outputs under a TTL, and the ids ever issued.
+
+A job's record lives as long as its result (`RESULT_EXPIRES_S`); its id is remembered longer
+(`JOB_ID_RETENTION_S`), so an expired job answers 410 and an id never issued 404. State changes are
+Lua scripts, so a redelivered or cancelled job can never be finished twice or resurrected.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis
+
+from tasks.status import JobStatus
+
+_START = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'queued' and status ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'status', 'running')
+redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1])
+return 1
+"""
+_FINISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3])
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
+if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'KEEPTTL') end
+redis.call('DEL', KEYS[3])
+return 1
+"""
+
+
+class JobNotFound(LookupError):
+    """No job with that id was ever issued."""
+
+
+class JobExpired(LookupError):
+    """The job existed, but its record and result have expired."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job's record."""
+
+    id: str
+    model: str
+    version: int
+    status: JobStatus
+    created_at: float
+    shape: str
+    started_at: float | None = None
+    finished_at: float | None = None
+    error: str | None = None
+
+
+class JobStore:
+    """Jobs' records, inputs and outputs in Redis."""
+
+    def __init__(self, client: redis.Redis, ttl_s: int, retention_s: int):
+        self.client, self.ttl_s, self.retention_s = client, ttl_s, max(retention_s, ttl_s)
+        self._start = client.register_script(_START)
+        self._finish = client.register_script(_FINISH)
+
+    def create(self, model: str, version: int, inputs: bytes, shape: str) -> Job:
+        """Record a new queued job and its inputs; answer it."""
+        job = Job(str(uuid.uuid4()), model, version, JobStatus.QUEUED, time.time(), shape)
+        fields = {"model": model, "version": version, "status": job.status.value,
+                  "created_at": repr(job.created_at), "shape": shape}
+        outputs = _key(job.id, "outputs")
+        with self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(_key(job.id), mapping=fields).expire(_key(job.id), self.ttl_s)
+            pipe.set(_key(job.id, "inputs"), inputs, ex=self.ttl_s)
+            pipe.set(outputs, b"", ex=self.ttl_s)  # holds the TTL the result will keep
+            pipe.set(_key(job.id, "issued"), b"1", ex=self.retention_s)
+            pipe.execute()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        """A job's record; JobNotFound for an id never issued, JobExpired for one whose record expired."""
+        fields = self.client.hgetall(_key(job_id)) if _is_uuid(job_id) else {}
+        if not fields:
+            if _is_uuid(job_id) and self.client.exists(_key(job_id, "issued")):
+                raise JobExpired(f"job {job_id} has expired: results are kept {self.ttl_s} s")
+            raise JobNotFound(f"no job {job_id!r}")
+        text = {k.decode(): v.decode() for k, v in fields.items()}
+        return Job(
+            job_id, text["model"], int(text["version"]), JobStatus(text["status"]), float(text["created_at"]),
+            text["shape"], _float(text.get("started_at")), _float(text.get("finished_at")), text.get("error"),
+        )
+
+    def delete(self, job_id: str) -> None:
+        """Forget a job that could not be enqueued."""
+        self.client.delete(*(_key(job_id, part) for part in ("", "inputs", "outputs", "issued")))
+
+    def inputs(self, job_id: str) -> bytes | None:
+        """A job's packed inputs, until it finishes or expires."""
+        return self.client.get(_key(job_id, "inputs"))
+
+    def outputs(self, job_id: str) -> bytes | None:
+        """A succeeded job's packed outputs."""
+        return self.client.get(_key(job_id, "outputs")) or None
+
+    def start(self, job_id: str) -> bool:
+        """Move a queued (or redelivered running) job to running; False if it is finished or gone."""
+        return bool(self._start(keys=[_key(job_id)], args=[repr(time.time())]))
+
+    def succeed(self, job_id: str, outputs: bytes) -> bool:
+        """Store a running job's outputs and mark it succeeded."""
+        return self._end(job_id, JobStatus.RUNNING, JobStatus.SUCCEEDED, "", outputs)
+
+    def fail(self, job_id: str, error: str) -> bool:
+        """Mark a queued or running job failed with its reason."""
+        return any(self._end(job_id, was, JobStatus.FAILED, error or "failed", b"")
+                   for was in (JobStatus.RUNNING, JobStatus.QUEUED))
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a job that has not started; False if it has."""
+        return self._end(job_id, JobStatus.QUEUED, JobStatus.CANCELLED, "", b"")
+
+    def _end(self, job_id: str, was: JobStatus, now: JobStatus, error: str, outputs: bytes) -> bool:
+        keys = [_key(job_id), _key(job_id, "outputs"), _key(job_id, "inputs")]
+        return bool(self._finish(keys=keys, args=[was.value, now.value, repr(time.time()), error, outputs]))
+
+
+def _key(job_id: str, part: str = "") -> str:
+    return f"job:{job_id}:{part}" if part else f"job:{job_id}"
+
+
+def _is_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
+
+
+def _float(text: str | None) -> float | None:
+    return None if text is None else float(text)

@@ -1,0 +1,120 @@
+"""The job API in eager mode over the real Redis: submit, poll, cancel, expiry, refusals."""
+
+from __future__ import annotations
+
+import base64
+import uuid
+
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+from sklearn.datasets import load_digits
+
+from samples import digit_png, error_of
+from webapp import create_app
+
+IRIS = {"instances": [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]}
+EAGER = {"task_always_eager": True, "task_eager_propagates": True}
+IDLE_REDIS_URL = "redis://127.0.0.1:6379/13"
+"""A database no worker listens on: jobs queued there stay queued."""
+
+
+@pytest.fixture
+def eager_client(redis_url: str) -> FlaskClient:
+    """A client of an app whose tasks run in the request, over the test Redis."""
+    return create_app({"TESTING": True, "redis_url": redis_url, "celery": EAGER}).test_client()
+
+
+@pytest.fixture
+def idle_app() -> Flask:
+    """An app whose jobs are queued where no worker takes them."""
+    redis.Redis.from_url(IDLE_REDIS_URL).flushdb()
+    return create_app({"TESTING": True, "redis_url": IDLE_REDIS_URL})
+
+
+def submit(client: FlaskClient, body: dict, path: str = "/v1/models/iris:submit") -> dict:
+    response = client.post(path, json=body)
+    assert response.status_code == 202, response.get_data(as_text=True)
+    answer = response.get_json()
+    assert response.headers["Location"] == answer["status_url"] == f"/v1/jobs/{answer['job_id']}"
+    assert str(uuid.UUID(answer["job_id"])) == answer["job_id"]
+    return answer
+
+
+def test_submitted_job_succeeds_with_the_outputs_of_predict(eager_client: FlaskClient):
+    job = eager_client.get(submit(eager_client, IRIS)["status_url"]).get_json()
+    assert job["status"] == "succeeded"
+    assert (job["model"], job["version"]) == ("iris", 1)
+    assert job["created_at"] <= job["started_at"] <= job["finished_at"]
+    assert job["result"] == eager_client.post("/v1/models/iris:predict", json=IRIS).get_json()
+    assert "error" not in job
+
+
+def test_columnar_and_versioned_submission(eager_client: FlaskClient):
+    body = {"inputs": {"features": IRIS["instances"]}}
+    job = submit(eager_client, body, "/v1/models/iris/versions/1:submit")
+    result = eager_client.get(job["status_url"]).get_json()["result"]
+    assert result == eager_client.post("/v1/models/iris:predict", json=body).get_json()
+
+
+def test_image_job_is_preprocessed_by_the_worker(eager_client: FlaskClient):
+    digits = load_digits()
+    images = [{"b64": base64.b64encode(digit_png(digits.data[i])).decode()} for i in range(5)]
+    job = submit(eager_client, {"instances": images}, "/v1/models/digits-heavy:submit")
+    predictions = eager_client.get(job["status_url"]).get_json()["result"]["predictions"]
+    assert [p["label"] for p in predictions] == list(digits.target[:5])
+
+
+def test_input_a_worker_cannot_decode_ends_failed_with_the_reason(eager_client: FlaskClient):
+    job = submit(eager_client, {"instances": [{"b64": base64.b64encode(b"not an image").decode()}]},
+                 "/v1/models/digits-light:submit")
+    answer = eager_client.get(job["status_url"]).get_json()
+    assert answer["status"] == "failed"
+    assert "image" in answer["error"]
+    assert "result" not in answer
+
+
+def test_invalid_input_is_refused_at_submission(eager_client: FlaskClient):
+    assert "shape" in error_of(eager_client.post("/v1/models/iris:submit", json={"instances": [[1, 2, 3]]}), 400)
+    assert "no model" in error_of(eager_client.post("/v1/models/nope:submit", json=IRIS), 404)
+    assert "content type" in error_of(eager_client.post("/v1/models/iris:submit", data="x",
+                                                        content_type="text/plain"), 415)
+
+
+@pytest.mark.parametrize("job_id", [str(uuid.uuid4()), "123", "00000000-0000-0000-0000-00000000000g", "a" * 300])
+def test_an_id_never_issued_is_404(eager_client: FlaskClient, job_id: str):
+    assert "no job" in error_of(eager_client.get(f"/v1/jobs/{job_id}"), 404)
+    assert "no job" in error_of(eager_client.delete(f"/v1/jobs/{job_id}"), 404)
+
+
+def test_an_expired_job_is_410(eager_client: FlaskClient, redis_url: str):
+    job_id = submit(eager_client, IRIS)["job_id"]
+    redis.Redis.from_url(redis_url).delete(f"job:{job_id}", f"job:{job_id}:outputs")
+    assert "expired" in error_of(eager_client.get(f"/v1/jobs/{job_id}"), 410)
+
+
+def test_a_queued_job_can_be_cancelled_and_then_never_runs(idle_app: Flask):
+    client = idle_app.test_client()
+    job = submit(client, IRIS)
+    assert client.get(job["status_url"]).get_json()["status"] == "queued"
+    cancelled = client.delete(job["status_url"])
+    assert cancelled.status_code == 200
+    assert cancelled.get_json()["status"] == "cancelled"
+    store = idle_app.extensions["jobs"]
+    assert store.start(job["job_id"]) is False  # what a worker does first: the job is not run
+    assert client.get(job["status_url"]).get_json()["status"] == "cancelled"
+
+
+def test_a_finished_job_cannot_be_cancelled(eager_client: FlaskClient):
+    job = submit(eager_client, IRIS)
+    assert "succeeded" in error_of(eager_client.delete(job["status_url"]), 409)
+
+
+def test_redis_down_submit_is_503_with_retry_after_and_predict_still_answers():
+    app = create_app({"TESTING": True, "redis_url": "redis://127.0.0.1:1/0"})
+    client = app.test_client()
+    response = client.post("/v1/models/iris:submit", json=IRIS)
+    assert "unavailable" in error_of(response, 503)
+    assert int(response.headers["Retry-After"]) > 0
+    assert client.post("/v1/models/iris:predict", json=IRIS).status_code == 200

@@ -1,0 +1,97 @@
+"""Jobs through a real Celery worker process and the real Redis."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from flask.testing import FlaskClient
+from sklearn.datasets import load_digits, load_iris
+
+from samples import digit_png
+from tasks import TaskSettings, create_celery
+from webapp import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER_REDIS_URL = os.environ.get("TEST_WORKER_REDIS_URL", "redis://127.0.0.1:6379/12")
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
+    """A Celery worker with two prefork children on the `predict` queue of a fresh Redis database."""
+    redis.Redis.from_url(WORKER_REDIS_URL).flushdb()
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {**os.environ, "REDIS_URL": WORKER_REDIS_URL}
+    command = [sys.executable, "-m", "celery", "-A", "tasks.worker", "worker", "-Q", "predict", "-c", "2",
+               "-n", f"test-{os.getpid()}@%h", "--without-mingle", "--without-gossip", "-l", "INFO"]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    celery = create_celery(TaskSettings(redis_url=WORKER_REDIS_URL))
+    try:
+        deadline = time.monotonic() + 60
+        while not celery.control.ping(timeout=0.5):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
+        yield process
+    finally:
+        celery.close()
+        process.terminate()
+        process.wait(30)
+
+
+@pytest.fixture
+def client(worker: subprocess.Popen) -> FlaskClient:
+    """A client of an app that queues its jobs for the worker."""
+    return create_app({"TESTING": True, "redis_url": WORKER_REDIS_URL}).test_client()
+
+
+def wait_for(client: FlaskClient, status_url: str, timeout_s: float = 60) -> dict:
+    """Poll a job until it is finished; answer its last state."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = client.get(status_url).get_json()
+        if job["status"] in ("succeeded", "failed", "cancelled"):
+            return job
+        time.sleep(0.02)
+    pytest.fail(f"job {status_url} did not finish in {timeout_s} s: {job}")
+
+
+def test_submit_poll_succeeded_with_the_outputs_of_predict(client: FlaskClient):
+    body = {"instances": [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]}
+    job = wait_for(client, client.post("/v1/models/iris:submit", json=body).get_json()["status_url"])
+    assert job["status"] == "succeeded", job
+    assert job["result"] == client.post("/v1/models/iris:predict", json=body).get_json()
+
+
+def test_many_jobs_at_once_each_get_their_own_result(client: FlaskClient):
+    rows = load_iris().data.astype(np.float32)
+    digits = load_digits()
+    bodies = [("iris", {"instances": [rows[i].tolist()]}) for i in range(150)]
+    bodies += [("digits-light", {"instances": [{"b64": base64.b64encode(digit_png(digits.data[i])).decode()}]})
+               for i in range(50)]
+    urls = [client.post(f"/v1/models/{name}:submit", json=body).get_json()["status_url"] for name, body in bodies]
+    assert len(set(urls)) == len(bodies)
+    for (name, body), url in zip(bodies, urls, strict=True):
+        job = wait_for(client, url)
+        assert job["status"] == "succeeded", job
+        assert job["result"] == client.post(f"/v1/models/{name}:predict", json=body).get_json()
+
+
+def test_a_poison_input_fails_with_its_reason_and_the_worker_goes_on(client: FlaskClient):
+    poison = {"instances": [{"b64": base64.b64encode(b"GIF89a but not really").decode()}]}
+    failed = wait_for(client, client.post("/v1/models/digits-light:submit", json=poison).get_json()["status_url"])
+    assert failed["status"] == "failed"
+    assert "image" in failed["error"]
+    body = {"instances": [[5.9, 3.0, 4.2, 1.5]]}
+    after = wait_for(client, client.post("/v1/models/iris:submit", json=body).get_json()["status_url"])
+    assert after["status"] == "succeeded"
