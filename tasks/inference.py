@@ -47,7 +47,7 @@ def _warm(**_: Any) -> None:
     registry().warm()
 
 
-@shared_task(name="predict", bind=True, acks_late=True, max_retries=3)
+@shared_task(name="predict", bind=True, acks_late=True, max_retries=3, default_retry_delay=1)
 def predict(self: Task, job_id: str) -> dict[str, str]:
     """Run one queued job; its outputs go to the job's record, the return value is a summary."""
     store = jobs()

@@ -95,3 +95,38 @@ def test_a_poison_input_fails_with_its_reason_and_the_worker_goes_on(client: Fla
     body = {"instances": [[5.9, 3.0, 4.2, 1.5]]}
     after = wait_for(client, client.post("/v1/models/iris:submit", json=body).get_json()["status_url"])
     assert after["status"] == "succeeded"
+
+
+def test_a_job_whose_worker_child_is_killed_mid_task_still_succeeds(tmp_path: Path):
+    url = os.environ.get("TEST_KILL_REDIS_URL", "redis://127.0.0.1:6379/11")
+    redis.Redis.from_url(url).flushdb()
+    env = {**os.environ, "REDIS_URL": url, "VISIBILITY_TIMEOUT_S": "10"}
+    command = [sys.executable, "-m", "celery", "-A", "tasks.worker", "worker", "-Q", "predict", "-c", "1",
+               "-n", f"kill-{os.getpid()}@%h", "--without-mingle", "--without-gossip", "-l", "INFO"]
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        client = create_app({"TESTING": True, "redis_url": url}).test_client()
+        rows = np.tile(load_digits().data.astype(np.float32), (4, 1)).tolist()  # a few seconds of SVC work
+        status_url = client.post("/v1/models/digits-heavy:submit", json={"inputs": rows}).get_json()["status_url"]
+        child = _running_child(client, status_url, process.pid)
+        os.kill(child, 9)
+        job = wait_for(client, status_url, timeout_s=40)
+        assert job["status"] == "succeeded", (job, log.read_text()[-3000:])
+        assert len(job["result"]["outputs"]["label"]) == len(rows)
+        assert "WorkerLostError" in log.read_text()
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def _running_child(client: FlaskClient, status_url: str, parent: int) -> int:
+    """The pid of the pool child running a job, once the job is running."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        if client.get(status_url).get_json()["status"] == "running" and children:
+            return int(children[0])
+        time.sleep(0.01)
+    pytest.fail("the job never started running")
