@@ -7,6 +7,7 @@ number of times (`task_retry_on_worker_lost`), then the job is failed with that 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import redis
@@ -19,6 +20,7 @@ from models.tensor import pack, unpack
 from tasks.config import TaskSettings
 from tasks.jobs import JobStore
 
+log = logging.getLogger(__name__)
 _registry: Registry | None = None
 _jobs: JobStore | None = None
 
@@ -51,6 +53,8 @@ def _warm(**_: Any) -> None:
 def predict(self: Task, job_id: str) -> dict[str, str]:
     """Run one queued job; its outputs go to the job's record, the return value is a summary."""
     store = jobs()
+    request_id = getattr(self.request, "request_id", None) or "-"
+    log.info("request %s: job %s starting (attempt %d)", request_id, job_id, self.request.retries + 1)
     if not store.start(job_id):
         return {"job_id": job_id, "status": "skipped: cancelled, finished or expired"}
     inputs = store.inputs(job_id)
@@ -61,8 +65,10 @@ def predict(self: Task, job_id: str) -> dict[str, str]:
         outputs = models.predict(registry().get(job.model, job.version), unpack(inputs))
     except models.ModelError as exc:
         store.fail(job_id, str(exc))
+        log.info("request %s: job %s failed: %s", request_id, job_id, exc)
         return {"job_id": job_id, "status": "failed"}
     store.succeed(job_id, pack(outputs))
+    log.info("request %s: job %s succeeded", request_id, job_id)
     return {"job_id": job_id, "status": "succeeded"}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import io
 import uuid
 
 import pytest
@@ -118,3 +119,27 @@ def test_redis_down_submit_is_503_with_retry_after_and_predict_still_answers():
     assert "unavailable" in error_of(response, 503)
     assert int(response.headers["Retry-After"]) > 0
     assert client.post("/v1/models/iris:predict", json=IRIS).status_code == 200
+
+
+def test_multipart_image_uploads_are_one_instance_each(eager_client: FlaskClient):
+    digits = load_digits()
+    files = {f"file{i}": (io.BytesIO(digit_png(digits.data[i])), f"digit{i}.png") for i in range(3)}
+    response = eager_client.post("/v1/models/digits-heavy:submit", data=files, content_type="multipart/form-data")
+    assert response.status_code == 202, response.get_data(as_text=True)
+    predictions = eager_client.get(response.get_json()["status_url"]).get_json()["result"]["predictions"]
+    assert [p["label"] for p in predictions] == list(digits.target[:3])
+
+
+def test_multipart_to_a_model_without_image_input_is_400(eager_client: FlaskClient):
+    data = {"file": (io.BytesIO(b"1,2,3,4"), "rows.csv")}
+    response = eager_client.post("/v1/models/iris:submit", data=data, content_type="multipart/form-data")
+    assert "image input" in error_of(response, 400)
+    empty = eager_client.post("/v1/models/digits-light:submit", data={"note": "x"}, content_type="multipart/form-data")
+    assert "no file" in error_of(empty, 400)
+
+
+def test_request_id_is_kept_or_made(eager_client: FlaskClient):
+    given = eager_client.post("/v1/models/iris:submit", json=IRIS, headers={"X-Request-ID": "trace-42"})
+    assert given.headers["X-Request-ID"] == "trace-42"
+    made = eager_client.post("/v1/models/iris:submit", json=IRIS, headers={"X-Request-ID": "x" * 500})
+    assert len(made.headers["X-Request-ID"]) == 32

@@ -42,6 +42,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Pope
         while not celery.control.ping(timeout=0.5):
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
+        process.log = log  # type: ignore[attr-defined]
         yield process
     finally:
         celery.close()
@@ -66,11 +67,13 @@ def wait_for(client: FlaskClient, status_url: str, timeout_s: float = 60) -> dic
     pytest.fail(f"job {status_url} did not finish in {timeout_s} s: {job}")
 
 
-def test_submit_poll_succeeded_with_the_outputs_of_predict(client: FlaskClient):
+def test_submit_poll_succeeded_with_the_outputs_of_predict(client: FlaskClient, worker: subprocess.Popen):
     body = {"instances": [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]}
-    job = wait_for(client, client.post("/v1/models/iris:submit", json=body).get_json()["status_url"])
+    submitted = client.post("/v1/models/iris:submit", json=body, headers={"X-Request-ID": "req-worker-1"})
+    job = wait_for(client, submitted.get_json()["status_url"])
     assert job["status"] == "succeeded", job
     assert job["result"] == client.post("/v1/models/iris:predict", json=body).get_json()
+    assert f"request req-worker-1: job {job['job_id']} succeeded" in worker.log.read_text()
 
 
 def test_many_jobs_at_once_each_get_their_own_result(client: FlaskClient):

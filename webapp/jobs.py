@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import logging
+import uuid
 
+import numpy as np
 from flask import Blueprint, Response, current_app, request, url_for
 
 import models
@@ -11,11 +14,12 @@ from models.tensor import pack, unpack
 from tasks.jobs import Job, JobStore
 from tasks.status import JobStatus
 from webapp import tfserving_codec, wire
-from webapp.errors import Conflict
+from webapp.errors import BadRequest, Conflict
 from webapp.repository import registry
 from webapp.responses import json_response
 
 bp = Blueprint("jobs", __name__)
+log = logging.getLogger(__name__)
 
 
 @bp.post("/v1/models/<model:name>:submit")
@@ -23,16 +27,23 @@ bp = Blueprint("jobs", __name__)
 def submit(name: str, version: int | None = None) -> Response:
     """Queue a prediction; the body is the same as `:predict`'s. Answers 202 with the job's id."""
     found = registry().get(name, version)
-    inputs, rows = tfserving_codec.parse(wire.json_object(wire.read(request)), found)
+    if request.mimetype == "multipart/form-data":
+        inputs, rows = _uploads(found), True
+    else:
+        inputs, rows = tfserving_codec.parse(wire.json_object(wire.read(request)), found)
     models.prepare(found, inputs, images=False)
     job = store().create(found.name, found.number, pack(inputs), "rows" if rows else "columns")
+    request_id = _request_id()
     try:
-        current_app.extensions["celery"].tasks["predict"].apply_async(args=[job.id], task_id=job.id, queue="predict")
+        current_app.extensions["celery"].tasks["predict"].apply_async(
+            args=[job.id], task_id=job.id, queue="predict", headers={"request_id": request_id})
     except Exception:
         store().delete(job.id)
         raise
+    log.info("request %s: job %s queued for %s version %d", request_id, job.id, found.name, found.number)
     location = url_for("jobs.status", job_id=job.id)
-    return json_response({"job_id": job.id, "status_url": location}, 202, {"Location": location})
+    headers = {"Location": location, "X-Request-ID": request_id}
+    return json_response({"job_id": job.id, "status_url": location}, 202, headers)
 
 
 @bp.get("/v1/jobs/<job_id>")
@@ -49,6 +60,27 @@ def cancel(job_id: str) -> Response:
     if not jobs.cancel(job_id):
         raise Conflict(f"job {job_id} is {jobs.get(job_id).status}; only a queued job can be cancelled")
     return json_response(_public(jobs.get(job.id)))
+
+
+def _uploads(found: models.ModelVersion) -> dict[str, np.ndarray]:
+    """Uploaded files as the encoded images of the model's image input, one instance per file."""
+    images = [t for t in found.spec.inputs if t.image is not None]
+    if len(found.spec.inputs) != 1 or not images:
+        raise BadRequest(f"model {found.name!r} does not take a single image input; send JSON instead")
+    files = [f.read() for f in request.files.values()]
+    if not files:
+        raise BadRequest("the multipart body holds no file")
+    array = np.empty(len(files), dtype=object)
+    array[:] = files
+    return {images[0].name: array}
+
+
+def _request_id() -> str:
+    """The client's X-Request-ID when it is short and printable, else a new one."""
+    given = request.headers.get("X-Request-ID", "")
+    if given and len(given) <= 128 and given.isprintable() and given.isascii():
+        return given
+    return uuid.uuid4().hex
 
 
 def store() -> JobStore:
