@@ -9,13 +9,13 @@ from celery import Celery
 
 from tasks.config import TaskSettings
 
-QUEUES = ("predict",)
+QUEUES = ("predict", "callbacks")
 
 
 def create_celery(settings: TaskSettings | None = None, overrides: Mapping[str, Any] | None = None) -> Celery:
     """A configured Celery app; `overrides` sets Celery options directly (tests use eager mode)."""
     settings = settings or TaskSettings.from_env()
-    app = Celery("platform", include=["tasks.inference"])
+    app = Celery("platform", include=["tasks.inference", "tasks.callbacks"])
     app.config_from_object(celery_config(settings))
     app.conf.update(overrides or {})
     return app

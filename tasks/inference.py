@@ -10,43 +10,15 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import redis
 from celery import Task, shared_task
-from celery.signals import task_failure, worker_process_init
+from celery.signals import task_failure
 
 import models
-from models import Registry, Settings
 from models.tensor import pack, unpack
-from tasks.config import TaskSettings
-from tasks.jobs import JobStore
+from tasks.callbacks import deliver_callback
+from tasks.resources import jobs, registry
 
 log = logging.getLogger(__name__)
-_registry: Registry | None = None
-_jobs: JobStore | None = None
-
-
-def registry() -> Registry:
-    """This worker process's model registry, made on first use (after fork)."""
-    global _registry
-    if _registry is None:
-        _registry = Registry(Settings.from_env())
-    return _registry
-
-
-def jobs() -> JobStore:
-    """This worker process's job store, made on first use."""
-    global _jobs
-    if _jobs is None:
-        settings = TaskSettings.from_env()
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
-        _jobs = JobStore(client, settings.result_expires_s, settings.job_id_retention_s)
-    return _jobs
-
-
-@worker_process_init.connect
-def _warm(**_: Any) -> None:
-    """Load every model's session in each new worker child, so faults show at start-up."""
-    registry().warm()
 
 
 @shared_task(name="predict", bind=True, acks_late=True, max_retries=3, default_retry_delay=1)
@@ -66,10 +38,18 @@ def predict(self: Task, job_id: str) -> dict[str, str]:
     except models.ModelError as exc:
         store.fail(job_id, str(exc))
         log.info("request %s: job %s failed: %s", request_id, job_id, exc)
+        _call_back(job.callback_url, job_id)
         return {"job_id": job_id, "status": "failed"}
     store.succeed(job_id, pack(outputs))
     log.info("request %s: job %s succeeded", request_id, job_id)
+    _call_back(job.callback_url, job_id)
     return {"job_id": job_id, "status": "succeeded"}
+
+
+def _call_back(url: str | None, job_id: str) -> None:
+    """Queue the delivery of a finished job to its callback URL, if it has one."""
+    if url:
+        deliver_callback.apply_async(args=[job_id], queue="callbacks")
 
 
 @task_failure.connect
@@ -77,4 +57,6 @@ def _record_failure(sender: Task | None = None, task_id: str | None = None, exce
                     **_: Any) -> None:
     """A task that raised or whose worker was lost past its retries fails its job with the reason."""
     if sender is not None and sender.name == "predict" and task_id:
-        jobs().fail(task_id, f"{type(exception).__name__}: {exception}")
+        store = jobs()
+        if store.fail(task_id, f"{type(exception).__name__}: {exception}"):
+            _call_back(store.get(task_id).callback_url, task_id)

@@ -7,12 +7,16 @@ Lua scripts, so a redelivered or cancelled job can never be finished twice or re
 
 from __future__ import annotations
 
+import datetime
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
+from models import answer
+from models.tensor import unpack
 from tasks.status import JobStatus
 
 _START = """
@@ -54,6 +58,7 @@ class Job:
     started_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    callback_url: str | None = None
 
 
 class JobStore:
@@ -64,11 +69,13 @@ class JobStore:
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
 
-    def create(self, model: str, version: int, inputs: bytes, shape: str) -> Job:
+    def create(self, model: str, version: int, inputs: bytes, shape: str, callback_url: str | None = None) -> Job:
         """Record a new queued job and its inputs; answer it."""
-        job = Job(str(uuid.uuid4()), model, version, JobStatus.QUEUED, time.time(), shape)
+        job = Job(str(uuid.uuid4()), model, version, JobStatus.QUEUED, time.time(), shape, callback_url=callback_url)
         fields = {"model": model, "version": version, "status": job.status.value,
                   "created_at": repr(job.created_at), "shape": shape}
+        if callback_url:
+            fields["callback_url"] = callback_url
         outputs = _key(job.id, "outputs")
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(_key(job.id), mapping=fields).expire(_key(job.id), self.ttl_s)
@@ -89,7 +96,22 @@ class JobStore:
         return Job(
             job_id, text["model"], int(text["version"]), JobStatus(text["status"]), float(text["created_at"]),
             text["shape"], _float(text.get("started_at")), _float(text.get("finished_at")), text.get("error"),
+            text.get("callback_url"),
         )
+
+    def public(self, job: Job) -> dict[str, Any]:
+        """The job as the API shows it: state, timestamps, and its result (as :predict answers) or error."""
+        body: dict[str, Any] = {
+            "job_id": job.id, "status": job.status.value, "model": job.model, "version": job.version,
+            "created_at": _iso(job.created_at), "started_at": _iso(job.started_at),
+            "finished_at": _iso(job.finished_at),
+        }
+        if job.status is JobStatus.SUCCEEDED:
+            outputs = unpack(self.outputs(job.id) or b"")
+            body["result"] = (answer.rows if job.shape == "rows" else answer.columns)(outputs, list(outputs))
+        elif job.status is JobStatus.FAILED:
+            body["error"] = job.error
+        return body
 
     def delete(self, job_id: str) -> None:
         """Forget a job that could not be enqueued."""
@@ -134,6 +156,12 @@ def _is_uuid(text: str) -> bool:
         return str(uuid.UUID(text)) == text
     except ValueError:
         return False
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="milliseconds")
 
 
 def _float(text: str | None) -> float | None:

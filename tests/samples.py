@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
+import json
+import threading
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image
@@ -43,3 +48,32 @@ def digit_png(pixels: np.ndarray) -> bytes:
     out = io.BytesIO()
     page.save(out, "PNG")
     return out.getvalue()
+
+
+class Receiver(http.server.BaseHTTPRequestHandler):
+    """A callback receiver that answers the statuses queued in `answers`, then 200, and keeps the bodies."""
+
+    answers: list[int] = []
+    bodies: list[dict] = []
+
+    def do_POST(self) -> None:
+        Receiver.bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        self.send_response(Receiver.answers.pop(0) if Receiver.answers else 200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def callback_receiver() -> Iterator[str]:
+    """A local HTTP server taking callbacks (see `Receiver`); yields its URL."""
+    Receiver.answers, Receiver.bodies = [], []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    finally:
+        server.shutdown()
+        server.server_close()

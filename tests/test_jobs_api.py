@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import uuid
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -12,7 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from sklearn.datasets import load_digits
 
-from samples import digit_png, error_of
+from samples import Receiver, callback_receiver, digit_png, error_of
 from webapp import create_app
 
 IRIS = {"instances": [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]}
@@ -143,3 +144,29 @@ def test_request_id_is_kept_or_made(eager_client: FlaskClient):
     assert given.headers["X-Request-ID"] == "trace-42"
     made = eager_client.post("/v1/models/iris:submit", json=IRIS, headers={"X-Request-ID": "x" * 500})
     assert len(made.headers["X-Request-ID"]) == 32
+
+
+@pytest.fixture
+def receiver() -> Iterator[str]:
+    with callback_receiver() as url:
+        yield url
+
+
+def test_the_finished_job_is_posted_to_its_callback_url(eager_client: FlaskClient, receiver: str):
+    job = submit(eager_client, {**IRIS, "callback_url": receiver})
+    assert Receiver.bodies == [eager_client.get(job["status_url"]).get_json()]
+    assert Receiver.bodies[0]["status"] == "succeeded"
+    assert Receiver.bodies[0]["result"]["predictions"][0]["label_name"] == "setosa"
+
+
+def test_a_failed_job_is_posted_too_and_a_4xx_is_not_retried(eager_client: FlaskClient, receiver: str):
+    Receiver.answers = [404]
+    bad_image = {"instances": [{"b64": base64.b64encode(b"nope").decode()}], "callback_url": receiver}
+    submit(eager_client, bad_image, "/v1/models/digits-light:submit")
+    assert [b["status"] for b in Receiver.bodies] == ["failed"]
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/x", "not a url", "http://", 42, "http://[::1"])
+def test_a_bad_callback_url_is_400(eager_client: FlaskClient, url: object):
+    assert "callback_url" in error_of(eager_client.post("/v1/models/iris:submit", json={**IRIS, "callback_url": url}),
+                                      400)

@@ -16,7 +16,7 @@ import redis
 from flask.testing import FlaskClient
 from sklearn.datasets import load_digits, load_iris
 
-from samples import digit_png
+from samples import Receiver, callback_receiver, digit_png
 from tasks import TaskSettings, create_celery
 from webapp import create_app
 
@@ -32,7 +32,7 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Pope
     redis.Redis.from_url(WORKER_REDIS_URL).flushdb()
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     env = {**os.environ, "REDIS_URL": WORKER_REDIS_URL}
-    command = [sys.executable, "-m", "celery", "-A", "tasks.worker", "worker", "-Q", "predict", "-c", "2",
+    command = [sys.executable, "-m", "celery", "-A", "tasks.worker", "worker", "-Q", "predict,callbacks", "-c", "2",
                "-n", f"test-{os.getpid()}@%h", "--without-mingle", "--without-gossip", "-l", "INFO"]
     with log.open("w") as out:
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -133,3 +133,16 @@ def _running_child(client: FlaskClient, status_url: str, parent: int) -> int:
             return int(children[0])
         time.sleep(0.01)
     pytest.fail("the job never started running")
+
+
+def test_callbacks_are_retried_with_backoff_until_the_receiver_takes_them(client: FlaskClient):
+    body = {"instances": [[6.3, 3.3, 6.0, 2.5]]}
+    with callback_receiver() as url:
+        Receiver.answers = [503, 500]
+        status_url = client.post("/v1/models/iris:submit", json={**body, "callback_url": url}).get_json()["status_url"]
+        deadline = time.monotonic() + 60
+        while len(Receiver.bodies) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(Receiver.bodies) == 3
+    assert Receiver.bodies[-1] == client.get(status_url).get_json()
+    assert Receiver.bodies[-1]["result"]["predictions"][0]["label_name"] == "virginica"

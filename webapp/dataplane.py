@@ -17,7 +17,7 @@ from typing import NamedTuple
 import orjson
 
 import models
-from models import Registry
+from models import Registry, answer
 from webapp import tfserving_codec, v2_codec, wire
 from webapp.errors import BadRequest, PayloadTooLarge, RequestError, status_of
 
@@ -100,7 +100,7 @@ class DataPlane:
         inputs, rows = tfserving_codec.parse(wire.json_object(data), found)
         outputs = models.predict(found, inputs)
         wanted = found.spec.output_names
-        shaped = (tfserving_codec.predictions if rows else tfserving_codec.columnar)(outputs, wanted)
+        shaped = (answer.rows if rows else answer.columns)(outputs, wanted)
         return 200, orjson.dumps(shaped, option=orjson.OPT_SERIALIZE_NUMPY), JSON, {}
 
     def infer(self, found: models.ModelVersion, call: Call) -> Reply:

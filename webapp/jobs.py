@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import datetime
 import logging
+import urllib.parse
 import uuid
 
 import numpy as np
 from flask import Blueprint, Response, current_app, request, url_for
 
 import models
-from models.tensor import pack, unpack
-from tasks.jobs import Job, JobStore
-from tasks.status import JobStatus
+from models.tensor import pack
+from tasks.jobs import JobStore
 from webapp import tfserving_codec, wire
 from webapp.errors import BadRequest, Conflict
 from webapp.repository import registry
@@ -28,11 +27,13 @@ def submit(name: str, version: int | None = None) -> Response:
     """Queue a prediction; the body is the same as `:predict`'s. Answers 202 with the job's id."""
     found = registry().get(name, version)
     if request.mimetype == "multipart/form-data":
-        inputs, rows = _uploads(found), True
+        inputs, rows, callback = _uploads(found), True, request.form.get("callback_url")
     else:
-        inputs, rows = tfserving_codec.parse(wire.json_object(wire.read(request)), found)
+        body = wire.json_object(wire.read(request))
+        callback = body.pop("callback_url", None)
+        inputs, rows = tfserving_codec.parse(body, found)
     models.prepare(found, inputs, images=False)
-    job = store().create(found.name, found.number, pack(inputs), "rows" if rows else "columns")
+    job = store().create(found.name, found.number, pack(inputs), "rows" if rows else "columns", _checked(callback))
     request_id = _request_id()
     try:
         current_app.extensions["celery"].tasks["predict"].apply_async(
@@ -49,7 +50,8 @@ def submit(name: str, version: int | None = None) -> Response:
 @bp.get("/v1/jobs/<job_id>")
 def status(job_id: str) -> Response:
     """A job's state, timestamps, and its result or error."""
-    return json_response(_public(store().get(job_id)))
+    jobs = store()
+    return json_response(jobs.public(jobs.get(job_id)))
 
 
 @bp.delete("/v1/jobs/<job_id>")
@@ -59,7 +61,7 @@ def cancel(job_id: str) -> Response:
     job = jobs.get(job_id)
     if not jobs.cancel(job_id):
         raise Conflict(f"job {job_id} is {jobs.get(job_id).status}; only a queued job can be cancelled")
-    return json_response(_public(jobs.get(job.id)))
+    return json_response(jobs.public(jobs.get(job.id)))
 
 
 def _uploads(found: models.ModelVersion) -> dict[str, np.ndarray]:
@@ -75,6 +77,19 @@ def _uploads(found: models.ModelVersion) -> dict[str, np.ndarray]:
     return {images[0].name: array}
 
 
+def _checked(url: object) -> str | None:
+    """A callback URL: absolute http or https, of a sane length."""
+    if url is None:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url) if isinstance(url, str) and len(url) <= 2048 else None
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest("callback_url must be an absolute http:// or https:// URL")
+    return url
+
+
 def _request_id() -> str:
     """The client's X-Request-ID when it is short and printable, else a new one."""
     given = request.headers.get("X-Request-ID", "")
@@ -86,23 +101,3 @@ def _request_id() -> str:
 def store() -> JobStore:
     """The job store `create_app` attached to the current app."""
     return current_app.extensions["jobs"]
-
-
-def _public(job: Job) -> dict:
-    body = {
-        "job_id": job.id, "status": job.status.value, "model": job.model, "version": job.version,
-        "created_at": _iso(job.created_at), "started_at": _iso(job.started_at), "finished_at": _iso(job.finished_at),
-    }
-    if job.status is JobStatus.SUCCEEDED:
-        outputs = unpack(store().outputs(job.id) or b"")
-        shape = tfserving_codec.predictions if job.shape == "rows" else tfserving_codec.columnar
-        body["result"] = shape(outputs, list(outputs))
-    elif job.status is JobStatus.FAILED:
-        body["error"] = job.error
-    return body
-
-
-def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="milliseconds")

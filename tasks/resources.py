@@ -1,0 +1,39 @@
+"""What a worker process holds: its model registry and its job store, each made once, after fork."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from celery.signals import worker_process_init
+
+from models import Registry, Settings
+from tasks.config import TaskSettings
+from tasks.jobs import JobStore
+
+_registry: Registry | None = None
+_jobs: JobStore | None = None
+
+
+def registry() -> Registry:
+    """This worker process's model registry, made on first use."""
+    global _registry
+    if _registry is None:
+        _registry = Registry(Settings.from_env())
+    return _registry
+
+
+def jobs() -> JobStore:
+    """This worker process's job store, made on first use."""
+    global _jobs
+    if _jobs is None:
+        settings = TaskSettings.from_env()
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
+        _jobs = JobStore(client, settings.result_expires_s, settings.job_id_retention_s)
+    return _jobs
+
+
+@worker_process_init.connect
+def _warm(**_: Any) -> None:
+    """Load every model's session in each new worker child, so faults show at start-up."""
+    registry().warm()
