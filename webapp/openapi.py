@@ -69,8 +69,12 @@ def document() -> dict[str, Any]:
     _versioned(paths, "/v1/models/{name}", _get("Signature metadata", obj, 404), "/metadata")
     _versioned(paths, "/v1/models/{name}", _post("Predict (TF Serving REST)", _schema("TFPredict"), obj),
                ":predict")
-    _versioned(paths, "/v1/models/{name}", _post("Queue a prediction (a job)", _schema("TFPredict"),
-                                                 _schema("JobAccepted"), status="202"), ":submit")
+    submit = _post("Queue a prediction (a job)", _schema("JobSubmit"), _schema("JobAccepted"), status="202")
+    submit["post"]["requestBody"]["content"]["multipart/form-data"] = {"schema": {
+        "type": "object", "description": "image files, one instance each, for a model with one image input",
+        "properties": {"callback_url": {"type": "string", "format": "uri"}},
+    }}
+    _versioned(paths, "/v1/models/{name}", submit, ":submit")
     job = _get("A job's state and result", _schema("Job"), 404, 410)
     job["delete"] = {"summary": "Cancel a queued job",
                      "responses": {"200": _json(_schema("Job"), "OK"), **_errors(404, 409, 410)}}
@@ -166,4 +170,8 @@ SCHEMAS: dict[str, Any] = {
             "outputs": {"type": "array", "items": _V2_TENSOR},
         },
     },
+}
+SCHEMAS["JobSubmit"] = {
+    **SCHEMAS["TFPredict"],
+    "properties": {**SCHEMAS["TFPredict"]["properties"], "callback_url": {"type": "string", "format": "uri"}},
 }
