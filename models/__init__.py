@@ -14,7 +14,7 @@ from models.errors import (
     SpecError,
     VersionNotFound,
 )
-from models.inference import arrays, predict, prepare
+from models.inference import arrays, has_encoded_images, predict, prepare
 from models.registry import Model, ModelVersion, Registry
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "SpecError",
     "VersionNotFound",
     "arrays",
+    "has_encoded_images",
     "predict",
     "prepare",
 ]

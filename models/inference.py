@@ -47,6 +47,14 @@ def prepare(version: ModelVersion, inputs: Mapping[str, np.ndarray], images: boo
     return feeds
 
 
+def has_encoded_images(version: ModelVersion, inputs: Mapping[str, np.ndarray]) -> bool:
+    """Whether some input carries encoded images, which preprocessing must decode before the model runs."""
+    return any(
+        t.image is not None and not t.dtype.is_bytes and t.name in inputs and inputs[t.name].dtype.kind == "O"
+        for t in version.spec.inputs
+    )
+
+
 def _check_names(version: ModelVersion, inputs: Mapping[str, object]) -> None:
     spec = version.spec
     if inputs.keys() <= spec.input_names:

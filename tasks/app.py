@@ -9,7 +9,7 @@ from celery import Celery
 
 from tasks.config import TaskSettings
 
-QUEUES = ("predict", "callbacks")
+QUEUES = ("prep", "predict", "callbacks")
 
 
 def create_celery(settings: TaskSettings | None = None, overrides: Mapping[str, Any] | None = None) -> Celery:

@@ -121,6 +121,10 @@ class JobStore:
         """A job's packed inputs, until it finishes or expires."""
         return self.client.get(_key(job_id, "inputs"))
 
+    def replace_inputs(self, job_id: str, inputs: bytes) -> None:
+        """Put preprocessed inputs in place of the submitted ones, keeping their TTL."""
+        self.client.set(_key(job_id, "inputs"), inputs, keepttl=True, xx=True)
+
     def outputs(self, job_id: str) -> bytes | None:
         """A succeeded job's packed outputs."""
         return self.client.get(_key(job_id, "outputs")) or None

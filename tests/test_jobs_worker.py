@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import subprocess
 import sys
@@ -26,20 +27,21 @@ WORKER_REDIS_URL = os.environ.get("TEST_WORKER_REDIS_URL", "redis://127.0.0.1:63
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
-    """A Celery worker with two prefork children on the `predict` queue of a fresh Redis database."""
-    redis.Redis.from_url(WORKER_REDIS_URL).flushdb()
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = {**os.environ, "REDIS_URL": WORKER_REDIS_URL}
-    command = [sys.executable, "-m", "celery", "-A", "tasks.worker", "worker", "-Q", "predict,callbacks", "-c", "2",
-               "-n", f"test-{os.getpid()}@%h", "--without-mingle", "--without-gossip", "-l", "INFO"]
+@contextlib.contextmanager
+def celery_worker(redis_url: str, queues: str, log: Path, concurrency: int = 2,
+                  env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """A real Celery worker process on `queues` of `redis_url`, ready when this yields; stopped after."""
+    name = f"{queues.replace(',', '-')}-{os.getpid()}@%h"
+    command = [sys.executable, "-m", "celery", "-A", "tasks.worker", "worker", "-Q", queues, "-c", str(concurrency),
+               "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO"]
     with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    celery = create_celery(TaskSettings(redis_url=WORKER_REDIS_URL))
+        process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url, **(env or {})},
+                                   stdout=out, stderr=subprocess.STDOUT)
+    celery = create_celery(TaskSettings(redis_url=redis_url))
     try:
         deadline = time.monotonic() + 60
-        while not celery.control.ping(timeout=0.5):
+        while not any(name.split("@")[0] in reply_name for reply in celery.control.ping(timeout=0.5)
+                      for reply_name in reply):
             if process.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
         process.log = log  # type: ignore[attr-defined]
@@ -48,6 +50,14 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Pope
         celery.close()
         process.terminate()
         process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
+    """A Celery worker with two prefork children on every queue of a fresh Redis database."""
+    redis.Redis.from_url(WORKER_REDIS_URL).flushdb()
+    with celery_worker(WORKER_REDIS_URL, "prep,predict,callbacks", tmp_path_factory.mktemp("worker") / "w.log") as w:
+        yield w
 
 
 @pytest.fixture
@@ -103,25 +113,36 @@ def test_a_poison_input_fails_with_its_reason_and_the_worker_goes_on(client: Fla
 def test_a_job_whose_worker_child_is_killed_mid_task_still_succeeds(tmp_path: Path):
     url = os.environ.get("TEST_KILL_REDIS_URL", "redis://127.0.0.1:6379/11")
     redis.Redis.from_url(url).flushdb()
-    env = {**os.environ, "REDIS_URL": url, "VISIBILITY_TIMEOUT_S": "10"}
-    command = [sys.executable, "-m", "celery", "-A", "tasks.worker", "worker", "-Q", "predict", "-c", "1",
-               "-n", f"kill-{os.getpid()}@%h", "--without-mingle", "--without-gossip", "-l", "INFO"]
     log = tmp_path / "worker.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with celery_worker(url, "predict", log, concurrency=1, env={"VISIBILITY_TIMEOUT_S": "10"}) as process:
         client = create_app({"TESTING": True, "redis_url": url}).test_client()
         rows = np.tile(load_digits().data.astype(np.float32), (4, 1)).tolist()  # a few seconds of SVC work
         status_url = client.post("/v1/models/digits-heavy:submit", json={"inputs": rows}).get_json()["status_url"]
-        child = _running_child(client, status_url, process.pid)
-        os.kill(child, 9)
-        job = wait_for(client, status_url, timeout_s=40)
+        os.kill(_running_child(client, status_url, process.pid), 9)
+        job = wait_for(client, status_url, timeout_s=60)
         assert job["status"] == "succeeded", (job, log.read_text()[-3000:])
         assert len(job["result"]["outputs"]["label"]) == len(rows)
         assert "WorkerLostError" in log.read_text()
-    finally:
-        process.terminate()
-        process.wait(30)
+
+
+def test_prep_and_predict_run_on_separate_worker_pools(tmp_path: Path):
+    url = os.environ.get("TEST_KILL_REDIS_URL", "redis://127.0.0.1:6379/11")
+    redis.Redis.from_url(url).flushdb()
+    digits = load_digits()
+    images = [{"b64": base64.b64encode(digit_png(digits.data[i])).decode()} for i in range(4)]
+    with celery_worker(url, "prep", tmp_path / "prep.log", 1) as prep, \
+         celery_worker(url, "predict", tmp_path / "predict.log", 1) as pred:
+        client = create_app({"TESTING": True, "redis_url": url}).test_client()
+        image_job = client.post("/v1/models/digits-heavy:submit", json={"instances": images}).get_json()
+        tensor_job = client.post("/v1/models/digits-heavy:submit",
+                                 json={"instances": digits.data[:2].tolist()}).get_json()
+        done = wait_for(client, image_job["status_url"])
+        assert [p["label"] for p in done["result"]["predictions"]] == list(digits.target[:4])
+        assert wait_for(client, tensor_job["status_url"])["status"] == "succeeded"
+        prep_log, predict_log = prep.log.read_text(), pred.log.read_text()
+    assert f"job {image_job['job_id']} preprocessed" in prep_log
+    assert f"job {image_job['job_id']} succeeded" in predict_log
+    assert tensor_job["job_id"] not in prep_log  # tensors skip the prep stage
 
 
 def _running_child(client: FlaskClient, status_url: str, parent: int) -> int:

@@ -42,7 +42,7 @@ def _entry(model: Model) -> dict:
         "inputs": [_tensor(t) for t in spec.inputs],
         "outputs": [_tensor(t) for t in spec.outputs],
         "labels": list(spec.labels),
-        "patterns": list(PATTERNS),
+        "patterns": list(PATTERNS) + (["prep-pred"] if spec.takes_images else []),
     }
 
 

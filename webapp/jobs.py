@@ -35,9 +35,10 @@ def submit(name: str, version: int | None = None) -> Response:
     models.prepare(found, inputs, images=False)
     job = store().create(found.name, found.number, pack(inputs), "rows" if rows else "columns", _checked(callback))
     request_id = _request_id()
+    stage = "preprocess" if models.has_encoded_images(found, inputs) else "predict"
     try:
-        current_app.extensions["celery"].tasks["predict"].apply_async(
-            args=[job.id], task_id=job.id, queue="predict", headers={"request_id": request_id})
+        current_app.extensions["celery"].tasks[stage].apply_async(
+            args=[job.id], queue="prep" if stage == "preprocess" else "predict", headers={"request_id": request_id})
     except Exception:
         store().delete(job.id)
         raise
