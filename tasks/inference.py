@@ -19,7 +19,6 @@ from celery.signals import task_failure
 
 import models
 from models.tensor import pack, unpack
-from tasks.callbacks import deliver_callback
 from tasks.jobs import Job
 from tasks.resources import jobs, registry
 
@@ -34,7 +33,8 @@ def preprocess(self: Task, job_id: str) -> dict[str, str]:
 
     def work(job: Job, version: models.ModelVersion, inputs: dict[str, np.ndarray]) -> str:
         jobs().replace_inputs(job.id, pack(models.prepare(version, inputs)))
-        predict.apply_async(args=[job.id], queue="predict", headers={"request_id": _request_id(self)})
+        self.app.tasks["predict"].apply_async(args=[job.id], queue="predict",
+                                              headers={"request_id": _request_id(self)})
         return "preprocessed"
 
     return _stage(self, job_id, work)
@@ -46,7 +46,7 @@ def predict(self: Task, job_id: str) -> dict[str, str]:
 
     def work(job: Job, version: models.ModelVersion, inputs: dict[str, np.ndarray]) -> str:
         jobs().succeed(job.id, pack(models.predict(version, inputs)))
-        _call_back(job)
+        _call_back(self, job)
         return "succeeded"
 
     return _stage(self, job_id, work)
@@ -66,7 +66,7 @@ def _stage(task: Task, job_id: str, work: Work) -> dict[str, str]:
         status = work(job, registry().get(job.model, job.version), unpack(inputs))
     except models.ModelError as exc:
         store.fail(job_id, str(exc))
-        _call_back(job)
+        _call_back(task, job)
         status = f"failed: {exc}"
     log.info("request %s: job %s %s", request_id, job_id, status)
     return {"job_id": job_id, "status": status}
@@ -76,10 +76,10 @@ def _request_id(task: Task) -> str:
     return getattr(task.request, "request_id", None) or "-"
 
 
-def _call_back(job: Job) -> None:
+def _call_back(task: Task, job: Job) -> None:
     """Queue the delivery of a finished job to its callback URL, if it has one."""
     if job.callback_url:
-        deliver_callback.apply_async(args=[job.id], queue="callbacks")
+        task.app.tasks["deliver_callback"].apply_async(args=[job.id], queue="callbacks")
 
 
 @task_failure.connect
@@ -89,4 +89,4 @@ def _record_failure(sender: Task | None = None, args: tuple | None = None, excep
     if sender is not None and sender.name in STAGES and args:
         store = jobs()
         if store.fail(args[0], f"{type(exception).__name__}: {exception}"):
-            _call_back(store.get(args[0]))
+            _call_back(sender, store.get(args[0]))
