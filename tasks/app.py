@@ -50,5 +50,7 @@ def celery_config(settings: TaskSettings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_default_queue": "predict",
         "worker_proc_alive_timeout": 30,
-        "beat_schedule": {},
+        "beat_schedule": {
+            "reclaim-batches": {"task": "reclaim_batches", "schedule": 15.0, "options": {"queue": "predict"}},
+        },
     }

@@ -23,6 +23,10 @@ class TaskSettings:
     """VISIBILITY_TIMEOUT_S: an unacknowledged job is redelivered after this long; keep tasks far shorter."""
     task_time_limit_s: int = 300
     """TASK_TIME_LIMIT_S: hard limit of one task; the soft limit is 90% of it."""
+    batching: bool = True
+    """BATCHING: coalesce queued jobs of one model version into one runtime call (`on` or `off`)."""
+    batch_lease_s: float = 60.0
+    """BATCH_LEASE_S: a batch's jobs not finished this long after they were taken are put back in line."""
     flower_user: str = "admin"
     """FLOWER_USER: Flower's basic-auth user."""
     flower_password: str = "admin"
@@ -38,6 +42,8 @@ class TaskSettings:
             job_id_retention_s=int(env.get("JOB_ID_RETENTION_S", cls.job_id_retention_s)),
             visibility_timeout_s=int(env.get("VISIBILITY_TIMEOUT_S", cls.visibility_timeout_s)),
             task_time_limit_s=int(env.get("TASK_TIME_LIMIT_S", cls.task_time_limit_s)),
+            batching=env.get("BATCHING", "on").lower() not in ("off", "0", "false", "no"),
+            batch_lease_s=float(env.get("BATCH_LEASE_S", cls.batch_lease_s)),
             flower_user=env.get("FLOWER_USER", cls.flower_user),
             flower_password=env.get("FLOWER_PASSWORD", cls.flower_password),
         )

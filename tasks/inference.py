@@ -9,6 +9,7 @@ number of times (`task_retry_on_worker_lost`), then the job is failed with that 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -19,8 +20,9 @@ from celery.signals import task_failure
 
 import models
 from models.tensor import pack, unpack
+from tasks.batches import BatchQueue, Lane, dispatch, fill, split
 from tasks.jobs import Job
-from tasks.resources import jobs, registry
+from tasks.resources import batches, jobs, registry
 
 log = logging.getLogger(__name__)
 STAGES = {"preprocess", "predict"}
@@ -33,8 +35,8 @@ def preprocess(self: Task, job_id: str) -> dict[str, str]:
 
     def work(job: Job, version: models.ModelVersion, inputs: dict[str, np.ndarray]) -> str:
         jobs().replace_inputs(job.id, pack(models.prepare(version, inputs)))
-        self.app.tasks["predict"].apply_async(args=[job.id], queue="predict",
-                                              headers={"request_id": _request_id(self)})
+        dispatch(self.app, batch_queue(version), Lane(job.model, job.version), job.id,
+                 {"request_id": _request_id(self)})
         return "preprocessed"
 
     return _stage(self, job_id, work)
@@ -50,6 +52,102 @@ def predict(self: Task, job_id: str) -> dict[str, str]:
         return "succeeded"
 
     return _stage(self, job_id, work)
+
+
+@shared_task(name="predict_batch", bind=True, acks_late=True, max_retries=3, default_retry_delay=1)
+def predict_batch(self: Task, model: str, version: int) -> dict[str, int]:
+    """Run the jobs waiting in one model version's lane, a batch at a time, while they keep coming."""
+    lane, queue, count = Lane(model, version), batches(), 0
+    if queue is None:
+        return {"jobs": 0}
+    try:
+        found = registry().get(model, version)
+    except models.ModelError as exc:
+        return {"jobs": _fail_lane(self, queue, lane, str(exc))}
+    if self.request.retries:  # this batcher's last run lost its worker: take back what it held
+        _put_back(self, queue, queue.reclaim(0, lane))
+    options = found.spec.options
+    while True:
+        fill(queue, lane, options.max_batch_size, options.max_batch_delay_ms / 1000)
+        taken = queue.take(lane, options.max_batch_size)
+        if not taken:
+            return {"jobs": count}
+        count += _run_batch(self, found, taken)
+        queue.done(lane, taken)
+
+
+@shared_task(name="reclaim_batches", bind=True)
+def reclaim_batches(self: Task) -> dict[str, int]:
+    """Put back in line the batched jobs a lost worker took and never finished."""
+    queue = batches()
+    count = _put_back(self, queue, queue.reclaim(queue.lease_ms / 1000)) if queue else 0
+    return {"reclaimed": count}
+
+
+def _put_back(task: Task, queue: BatchQueue, held: list[tuple[Lane, str]]) -> int:
+    """Queue again the unfinished ones of jobs a lost batcher held; answer how many."""
+    store, count = jobs(), 0
+    for lane, job_id in held:
+        with contextlib.suppress(LookupError):
+            if not store.get(job_id).status.finished:
+                dispatch(task.app, queue, lane, job_id, {})
+                count += 1
+    if count:
+        log.warning("put back %d batched jobs whose worker was lost", count)
+    return count
+
+
+def batch_queue(version: models.ModelVersion) -> BatchQueue | None:
+    """The batch queue a version's jobs go through, or None when it is not batched."""
+    return batches() if version.spec.options.max_batch_size > 1 else None
+
+
+def _run_batch(task: Task, found: models.ModelVersion, taken: list[str]) -> int:
+    """Run the taken jobs in one call; if the runtime refuses the batch, run them one by one."""
+    store = jobs()
+    ids = [job_id for job_id, started in zip(taken, store.start_many(taken), strict=True) if started]
+    packed = store.inputs_many(ids)
+    for job_id in [i for i, data in zip(ids, packed, strict=True) if data is None]:
+        store.fail(job_id, "the job's inputs expired before it ran")
+    pairs = [(i, unpack(data)) for i, data in zip(ids, packed, strict=True) if data is not None]
+    if not pairs:
+        return 0
+    try:
+        batch = {name: np.concatenate([inputs[name] for _, inputs in pairs]) for name in pairs[0][1]}
+        results = split(models.predict(found, batch), [len(next(iter(inputs.values()))) for _, inputs in pairs])
+    except (models.ModelError, ValueError, KeyError) as exc:
+        log.info("batch of %d jobs refused (%s); running them one by one", len(pairs), exc)
+        results = [_alone(found, inputs) for _, inputs in pairs]
+    for (job_id, _), result in zip(pairs, results, strict=True):
+        if isinstance(result, str):
+            store.fail(job_id, result)
+        else:
+            store.succeed(job_id, pack(result))
+        job = store.get(job_id)
+        log.info("request %s: job %s %s", job.request_id or "-", job_id, job.status)
+        _call_back(task, job)
+    log.info("batch of %d jobs for %s version %d done", len(pairs), found.name, found.number)
+    return len(pairs)
+
+
+def _alone(found: models.ModelVersion, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | str:
+    """One job's outputs, or the reason it failed."""
+    try:
+        return models.predict(found, inputs)
+    except models.ModelError as exc:
+        return str(exc)
+
+
+def _fail_lane(task: Task, queue: BatchQueue, lane: Lane, reason: str) -> int:
+    """Fail every job waiting in a lane whose model cannot serve."""
+    store, count = jobs(), 0
+    while taken := queue.take(lane, 100):
+        for job_id in taken:
+            if store.fail(job_id, reason):
+                _call_back(task, store.get(job_id))
+            count += 1
+        queue.done(lane, taken)
+    return count
 
 
 def _stage(task: Task, job_id: str, work: Work) -> dict[str, str]:

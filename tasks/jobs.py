@@ -59,6 +59,7 @@ class Job:
     finished_at: float | None = None
     error: str | None = None
     callback_url: str | None = None
+    request_id: str | None = None
 
 
 class JobStore:
@@ -69,13 +70,14 @@ class JobStore:
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
 
-    def create(self, model: str, version: int, inputs: bytes, shape: str, callback_url: str | None = None) -> Job:
+    def create(self, model: str, version: int, inputs: bytes, shape: str, callback_url: str | None = None,
+               request_id: str | None = None) -> Job:
         """Record a new queued job and its inputs; answer it."""
-        job = Job(str(uuid.uuid4()), model, version, JobStatus.QUEUED, time.time(), shape, callback_url=callback_url)
+        job = Job(str(uuid.uuid4()), model, version, JobStatus.QUEUED, time.time(), shape,
+                  callback_url=callback_url, request_id=request_id)
         fields = {"model": model, "version": version, "status": job.status.value,
                   "created_at": repr(job.created_at), "shape": shape}
-        if callback_url:
-            fields["callback_url"] = callback_url
+        fields |= {k: v for k, v in (("callback_url", callback_url), ("request_id", request_id)) if v}
         outputs = _key(job.id, "outputs")
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(_key(job.id), mapping=fields).expire(_key(job.id), self.ttl_s)
@@ -96,7 +98,7 @@ class JobStore:
         return Job(
             job_id, text["model"], int(text["version"]), JobStatus(text["status"]), float(text["created_at"]),
             text["shape"], _float(text.get("started_at")), _float(text.get("finished_at")), text.get("error"),
-            text.get("callback_url"),
+            text.get("callback_url"), text.get("request_id"),
         )
 
     def public(self, job: Job) -> dict[str, Any]:
@@ -128,6 +130,17 @@ class JobStore:
     def outputs(self, job_id: str) -> bytes | None:
         """A succeeded job's packed outputs."""
         return self.client.get(_key(job_id, "outputs")) or None
+
+    def start_many(self, job_ids: list[str]) -> list[bool]:
+        """`start` for several jobs in one round trip."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                self._start(keys=[_key(job_id)], args=[repr(time.time())], client=pipe)
+            return [bool(r) for r in pipe.execute()]
+
+    def inputs_many(self, job_ids: list[str]) -> list[bytes | None]:
+        """`inputs` for several jobs in one round trip."""
+        return self.client.mget([_key(i, "inputs") for i in job_ids]) if job_ids else []
 
     def start(self, job_id: str) -> bool:
         """Move a queued (or redelivered running) job to running; False if it is finished or gone."""

@@ -8,11 +8,13 @@ import redis
 from celery.signals import worker_process_init
 
 from models import Registry, Settings
+from tasks.batches import BatchQueue
 from tasks.config import TaskSettings
 from tasks.jobs import JobStore
 
 _registry: Registry | None = None
 _jobs: JobStore | None = None
+_batches: BatchQueue | None = None
 
 
 def registry() -> Registry:
@@ -31,6 +33,15 @@ def jobs() -> JobStore:
         client = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
         _jobs = JobStore(client, settings.result_expires_s, settings.job_id_retention_s)
     return _jobs
+
+
+def batches() -> BatchQueue | None:
+    """This worker process's batch queue; None when batching is off."""
+    global _batches
+    settings = TaskSettings.from_env()
+    if _batches is None and settings.batching:
+        _batches = BatchQueue(jobs().client, settings.batch_lease_s)
+    return _batches
 
 
 @worker_process_init.connect

@@ -17,8 +17,10 @@ import redis
 from flask.testing import FlaskClient
 from sklearn.datasets import load_digits, load_iris
 
+from models.tensor import pack
 from samples import Receiver, callback_receiver, digit_png
 from tasks import TaskSettings, create_celery
+from tasks.batches import Lane
 from webapp import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,7 +58,8 @@ def celery_worker(redis_url: str, queues: str, log: Path, concurrency: int = 2,
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen]:
     """A Celery worker with two prefork children on every queue of a fresh Redis database."""
     redis.Redis.from_url(WORKER_REDIS_URL).flushdb()
-    with celery_worker(WORKER_REDIS_URL, "prep,predict,callbacks", tmp_path_factory.mktemp("worker") / "w.log") as w:
+    log = tmp_path_factory.mktemp("worker") / "w.log"
+    with celery_worker(WORKER_REDIS_URL, "prep,predict,callbacks", log, env={"BATCH_LEASE_S": "1"}) as w:
         yield w
 
 
@@ -167,3 +170,18 @@ def test_callbacks_are_retried_with_backoff_until_the_receiver_takes_them(client
     assert len(Receiver.bodies) == 3
     assert Receiver.bodies[-1] == client.get(status_url).get_json()
     assert Receiver.bodies[-1]["result"]["predictions"][0]["label_name"] == "virginica"
+
+
+def test_batched_jobs_a_lost_batcher_held_are_reclaimed(client: FlaskClient, worker: subprocess.Popen):
+    app = client.application
+    lane, queue = Lane("iris", 1), app.extensions["batches"]
+    jobs = app.extensions["jobs"]
+    held = [jobs.create("iris", 1, pack({"features": np.float32([[5.1, 3.5, 1.4, 0.2]])}), "rows") for _ in range(3)]
+    for job in held:  # what a batcher that died after taking them leaves behind
+        queue.put(lane, job.id)
+    assert sorted(queue.take(lane, 10)) == sorted(job.id for job in held)
+    time.sleep(1.2)  # past the worker's BATCH_LEASE_S
+    app.extensions["celery"].tasks["reclaim_batches"].apply_async(queue="predict")
+    for job in held:
+        assert wait_for(client, f"/v1/jobs/{job.id}")["status"] == "succeeded"
+    assert "put back 3 batched jobs" in worker.log.read_text()

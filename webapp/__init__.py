@@ -12,6 +12,7 @@ from flask import Flask
 
 from models import Registry, Settings
 from tasks import TaskSettings, create_celery
+from tasks.batches import BatchQueue
 from tasks.jobs import JobStore
 from webapp import catalog, errors, jobs, tfserving, v2
 from webapp.config import WebSettings
@@ -34,6 +35,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.extensions["celery"] = create_celery(task_settings, celery_options)
     client = redis.Redis.from_url(task_settings.redis_url, socket_timeout=2, socket_connect_timeout=1)
     app.extensions["jobs"] = JobStore(client, task_settings.result_expires_s, task_settings.job_id_retention_s)
+    app.extensions["batches"] = BatchQueue(client, task_settings.batch_lease_s) if task_settings.batching else None
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
     for name in ("models", "webapp"):

@@ -11,6 +11,7 @@ from flask import Blueprint, Response, current_app, request, url_for
 
 import models
 from models.tensor import pack
+from tasks.batches import Lane, dispatch
 from tasks.jobs import JobStore
 from webapp import tfserving_codec, wire
 from webapp.errors import BadRequest, Conflict
@@ -33,12 +34,16 @@ def submit(name: str, version: int | None = None) -> Response:
         callback = body.pop("callback_url", None)
         inputs, rows = tfserving_codec.parse(body, found)
     models.prepare(found, inputs, images=False)
-    job = store().create(found.name, found.number, pack(inputs), "rows" if rows else "columns", _checked(callback))
     request_id = _request_id()
-    stage = "preprocess" if models.has_encoded_images(found, inputs) else "predict"
+    job = store().create(found.name, found.number, pack(inputs), "rows" if rows else "columns", _checked(callback),
+                         request_id)
+    celery, headers = current_app.extensions["celery"], {"request_id": request_id}
     try:
-        current_app.extensions["celery"].tasks[stage].apply_async(
-            args=[job.id], queue="prep" if stage == "preprocess" else "predict", headers={"request_id": request_id})
+        if models.has_encoded_images(found, inputs):
+            celery.tasks["preprocess"].apply_async(args=[job.id], queue="prep", headers=headers)
+        else:
+            lanes = current_app.extensions["batches"] if found.spec.options.max_batch_size > 1 else None
+            dispatch(celery, lanes, Lane(found.name, found.number), job.id, headers)
     except Exception:
         store().delete(job.id)
         raise

@@ -1,0 +1,115 @@
+"""Dynamic batching: queued single jobs of one model version coalesced into one runtime call.
+
+A job to batch goes on a Redis list per model version; the push also arms the list (a flag with a
+lease), and only the push that arms it sends a Celery message, `predict_batch`. So Celery's publish,
+deliver and ack are paid once per batch, not once per job. The batcher waits until `max_batch_size`
+jobs are there or `max_batch_delay_ms` has passed, takes them (a Lua script that also disarms an
+emptied list, so a job pushed meanwhile always arms it again), runs them in one call, and goes on
+while jobs keep coming. Taken jobs are held in an in-flight set until finished; `reclaim_batches`
+(run by beat) puts back those a lost worker left there past the lease. A batch the runtime refuses
+is run job by job, so one bad job fails alone, with its reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import redis
+from celery import Celery
+
+_ENQUEUE = """
+redis.call('RPUSH', KEYS[1], ARGV[1])
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then return 1 end
+return 0
+"""
+_TAKE = """
+local ids = redis.call('LPOP', KEYS[1], ARGV[1])
+if not ids then ids = {} end
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3] .. id) end
+if redis.call('LLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]) else redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+return ids
+"""
+INFLIGHT = "batches:inflight"
+SEPARATOR = "\t"
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Lane:
+    """The batch queue of one model version."""
+
+    model: str
+    version: int
+
+    @property
+    def prefix(self) -> str:
+        """What an in-flight member starts with: the lane, then the job id."""
+        return f"{self.model}{SEPARATOR}{self.version}{SEPARATOR}"
+
+    def key(self, part: str) -> str:
+        """A Redis key of this lane."""
+        return f"batches:{self.model}:{self.version}:{part}"
+
+
+class BatchQueue:
+    """Per model version lists of job ids waiting to be batched, and the set of those taken."""
+
+    def __init__(self, client: redis.Redis, lease_s: float):
+        self.client, self.lease_ms = client, int(lease_s * 1000)
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._take = client.register_script(_TAKE)
+
+    def put(self, lane: Lane, job_id: str) -> bool:
+        """Queue a job id; True when this push armed the lane (and so must send a batcher)."""
+        return bool(self._enqueue(keys=[lane.key("jobs"), lane.key("armed")], args=[job_id, self.lease_ms]))
+
+    def waiting(self, lane: Lane) -> int:
+        """How many job ids wait in a lane."""
+        return self.client.llen(lane.key("jobs"))
+
+    def take(self, lane: Lane, count: int) -> list[str]:
+        """Take up to `count` job ids, recording them in flight; disarm the lane once it is empty."""
+        keys = [lane.key("jobs"), lane.key("armed"), INFLIGHT]
+        ids = self._take(keys=keys, args=[count, time.time(), lane.prefix, self.lease_ms])
+        return [i.decode() for i in ids]
+
+    def done(self, lane: Lane, job_ids: list[str]) -> None:
+        """Forget finished jobs' in-flight records."""
+        if job_ids:
+            self.client.zrem(INFLIGHT, *(lane.prefix + i for i in job_ids))
+
+    def reclaim(self, older_than_s: float, lane: Lane | None = None) -> list[tuple[Lane, str]]:
+        """Remove from flight and answer the jobs taken more than `older_than_s` ago (of one lane, if given)."""
+        found = []
+        for member in self.client.zrangebyscore(INFLIGHT, "-inf", time.time() - older_than_s):
+            text = member.decode()
+            if (lane is None or text.startswith(lane.prefix)) and self.client.zrem(INFLIGHT, member):
+                model, version, job_id = text.split(SEPARATOR)
+                found.append((Lane(model, int(version)), job_id))
+        return found
+
+
+def dispatch(app: Celery, queue: BatchQueue | None, lane: Lane, job_id: str, headers: dict[str, str]) -> None:
+    """Send a job to be predicted: onto its lane when batching, else as a task of its own."""
+    if queue is None:
+        app.tasks["predict"].apply_async(args=[job_id], queue="predict", headers=headers)
+    elif queue.put(lane, job_id):
+        app.tasks["predict_batch"].apply_async(args=[lane.model, lane.version], queue="predict")
+
+
+def split(outputs: dict[str, np.ndarray], rows: list[int]) -> list[dict[str, np.ndarray]]:
+    """One batch's outputs cut back into each job's rows."""
+    bounds = np.cumsum(rows)[:-1]
+    parts = {name: np.split(array, bounds) for name, array in outputs.items()}
+    return [{name: parts[name][i] for name in outputs} for i in range(len(rows))]
+
+
+def fill(queue: BatchQueue, lane: Lane, size: int, delay_s: float) -> None:
+    """Wait until `size` jobs wait in the lane or `delay_s` has passed."""
+    deadline = time.monotonic() + delay_s
+    while queue.waiting(lane) < size and time.monotonic() < deadline:
+        time.sleep(0.0005)
