@@ -44,6 +44,10 @@ bench: install ## Run the HTTP benchmark against in-process onnxruntime and a Fa
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python -m bench.http
 
+.PHONY: bench-jobs
+bench-jobs: install ## Run the job benchmark: batching on and off against a BRPOP reference (needs Redis)
+	$(BIN)/python -m bench.jobs
+
 .PHONY: clean
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache

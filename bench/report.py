@@ -46,16 +46,16 @@ def ratio_cells(target: Target, concurrency: int, found: Figures) -> list[str]:
     return [f"{ratio['throughput']:.2f}x", f"{ratio['p99']:.2f}x"]
 
 
-def text_table(table: list[list[str]]) -> str:
+def text_table(table: list[list[str]], header: list[str] = HEADER) -> str:
     """Align the rows in columns for a terminal."""
-    widths = [max(len(r[i]) for r in [HEADER, *table]) for i in range(len(HEADER))]
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w)
-                               in enumerate(zip(row, widths, strict=True))) for row in [HEADER, *table])
+                               in enumerate(zip(row, widths, strict=True))) for row in [header, *table])
 
 
-def markdown_table(table: list[list[str]]) -> str:
+def markdown_table(table: list[list[str]], header: list[str] = HEADER) -> str:
     """The same rows as a Markdown table, ready to paste into the docs."""
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in table])
 
 
@@ -109,12 +109,12 @@ def environment(generator: str) -> dict[str, object]:
             "machine": platform.machine(), "load_average": os.getloadavg(), "versions": versions}
 
 
-def save(document: dict, when: datetime.datetime) -> Path:
-    """Write the results as JSON to bench/results/http-<date>[-n].json, never overwriting; answer the path."""
+def save(document: dict, when: datetime.datetime, prefix: str = "http") -> Path:
+    """Write the results as JSON to bench/results/<prefix>-<date>[-n].json, never overwriting; answer the path."""
     RESULTS.mkdir(exist_ok=True)
-    path, n = RESULTS / f"http-{when:%Y-%m-%d}.json", 1
+    path, n = RESULTS / f"{prefix}-{when:%Y-%m-%d}.json", 1
     while path.exists():
         n += 1
-        path = RESULTS / f"http-{when:%Y-%m-%d}-{n}.json"
+        path = RESULTS / f"{prefix}-{when:%Y-%m-%d}-{n}.json"
     path.write_text(json.dumps(document, indent=2) + "\n")
     return path

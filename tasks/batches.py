@@ -67,6 +67,16 @@ class BatchQueue:
         """Queue a job id; True when this push armed the lane (and so must send a batcher)."""
         return bool(self._enqueue(keys=[lane.key("jobs"), lane.key("armed")], args=[job_id, self.lease_ms]))
 
+    def idle(self) -> list[Lane]:
+        """Arm and answer the lanes with jobs waiting but no batcher (its message lost, or its lease over)."""
+        lanes = []
+        for key in self.client.scan_iter(match="batches:*:jobs", count=100):
+            _, model, version, _ = key.decode().split(":")
+            lane = Lane(model, int(version))
+            if self.client.llen(key) and self.client.set(lane.key("armed"), b"1", nx=True, px=self.lease_ms):
+                lanes.append(lane)
+        return lanes
+
     def waiting(self, lane: Lane) -> int:
         """How many job ids wait in a lane."""
         return self.client.llen(lane.key("jobs"))

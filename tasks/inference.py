@@ -80,8 +80,13 @@ def predict_batch(self: Task, model: str, version: int) -> dict[str, int]:
 def reclaim_batches(self: Task) -> dict[str, int]:
     """Put back in line the batched jobs a lost worker took and never finished."""
     queue = batches()
-    count = _put_back(self, queue, queue.reclaim(queue.lease_ms / 1000)) if queue else 0
-    return {"reclaimed": count}
+    if queue is None:
+        return {"reclaimed": 0, "lanes restarted": 0}
+    count = _put_back(self, queue, queue.reclaim(queue.lease_ms / 1000))
+    lanes = queue.idle()
+    for lane in lanes:
+        self.app.tasks["predict_batch"].apply_async(args=[lane.model, lane.version], queue="predict")
+    return {"reclaimed": count, "lanes restarted": len(lanes)}
 
 
 def _put_back(task: Task, queue: BatchQueue, held: list[tuple[Lane, str]]) -> int:
@@ -105,7 +110,10 @@ def batch_queue(version: models.ModelVersion) -> BatchQueue | None:
 def _run_batch(task: Task, found: models.ModelVersion, taken: list[str]) -> int:
     """Run the taken jobs in one call; if the runtime refuses the batch, run them one by one."""
     store = jobs()
-    ids = [job_id for job_id, started in zip(taken, store.start_many(taken), strict=True) if started]
+    starts = dict(zip(taken, store.start_many(taken), strict=True))
+    for job_id in [i for i, started in starts.items() if started < 0]:
+        _call_back(task, store.get(job_id))
+    ids = [job_id for job_id, started in starts.items() if started > 0]
     packed = store.inputs_many(ids)
     for job_id in [i for i, data in zip(ids, packed, strict=True) if data is None]:
         store.fail(job_id, "the job's inputs expired before it ran")
@@ -154,8 +162,11 @@ def _stage(task: Task, job_id: str, work: Work) -> dict[str, str]:
     """Run one stage of a job: start it, do the work on its inputs, fail it with the reason if they are bad."""
     store, request_id = jobs(), _request_id(task)
     log.info("request %s: job %s %s (attempt %d)", request_id, job_id, task.name, task.request.retries + 1)
-    if not store.start(job_id):
-        return {"job_id": job_id, "status": "skipped: cancelled, finished or expired"}
+    started = store.start(job_id)
+    if started < 0:
+        _call_back(task, store.get(job_id))
+    if started <= 0:
+        return {"job_id": job_id, "status": "skipped: cancelled, finished, expired or given up"}
     job = store.get(job_id)
     try:
         inputs = store.inputs(job_id)

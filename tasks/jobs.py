@@ -19,9 +19,18 @@ from models import answer
 from models.tensor import unpack
 from tasks.status import JobStatus
 
+MAX_ATTEMPTS = 5
+"""Starts a job may have (each stage is one; a worker lost mid-stage makes another) before it is failed."""
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'queued' and status ~= 'running' then return 0 end
+local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+if attempts > tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'status', 'failed', 'finished_at', ARGV[1], 'error',
+             'gave up after ' .. (attempts - 1) .. ' starts: the worker running it was lost each time')
+  redis.call('DEL', KEYS[2])
+  return -1
+end
 redis.call('HSET', KEYS[1], 'status', 'running')
 redis.call('HSETNX', KEYS[1], 'started_at', ARGV[1])
 return 1
@@ -131,20 +140,25 @@ class JobStore:
         """A succeeded job's packed outputs."""
         return self.client.get(_key(job_id, "outputs")) or None
 
-    def start_many(self, job_ids: list[str]) -> list[bool]:
+    def start_many(self, job_ids: list[str]) -> list[int]:
         """`start` for several jobs in one round trip."""
         with self.client.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                self._start(keys=[_key(job_id)], args=[repr(time.time())], client=pipe)
-            return [bool(r) for r in pipe.execute()]
+                self._start(keys=self._start_keys(job_id), args=[repr(time.time()), MAX_ATTEMPTS], client=pipe)
+            return [int(r) for r in pipe.execute()]
 
     def inputs_many(self, job_ids: list[str]) -> list[bytes | None]:
         """`inputs` for several jobs in one round trip."""
         return self.client.mget([_key(i, "inputs") for i in job_ids]) if job_ids else []
 
-    def start(self, job_id: str) -> bool:
-        """Move a queued (or redelivered running) job to running; False if it is finished or gone."""
-        return bool(self._start(keys=[_key(job_id)], args=[repr(time.time())]))
+    def start(self, job_id: str) -> int:
+        """Move a queued (or redelivered running) job to running: 1; 0 if it is finished or gone;
+        -1 if it has now been started too often (a poison that kills workers) and was failed."""
+        return int(self._start(keys=self._start_keys(job_id), args=[repr(time.time()), MAX_ATTEMPTS]))
+
+    @staticmethod
+    def _start_keys(job_id: str) -> list[str]:
+        return [_key(job_id), _key(job_id, "inputs")]
 
     def succeed(self, job_id: str, outputs: bytes) -> bool:
         """Store a running job's outputs and mark it succeeded."""

@@ -104,7 +104,7 @@ def test_a_queued_job_can_be_cancelled_and_then_never_runs(idle_app: Flask):
     assert cancelled.status_code == 200
     assert cancelled.get_json()["status"] == "cancelled"
     store = idle_app.extensions["jobs"]
-    assert store.start(job["job_id"]) is False  # what a worker does first: the job is not run
+    assert store.start(job["job_id"]) == 0  # what a worker does first: the job is not run
     assert client.get(job["status_url"]).get_json()["status"] == "cancelled"
 
 
