@@ -21,8 +21,7 @@ import redis
 
 import models
 from bench import brpop_reference, workers
-from models.tensor import pack
-from tasks.batches import Lane, dispatch
+from tasks import submission
 from webapp import create_app
 
 MODEL = "digits-light"
@@ -69,14 +68,11 @@ class OursClient:
         self.workers: list[int] = []
 
     def submit(self, row: np.ndarray) -> str:
-        """Queue one row the way webapp/jobs.py does, without the HTTP request: check, create, dispatch."""
+        """Queue one row the way webapp/jobs.py does, without the HTTP request: check, then submit."""
         found = self.registry.get(MODEL)
         inputs = {"pixels": row.reshape(1, -1)}
         models.prepare(found, inputs, images=False)
-        request_id = uuid.uuid4().hex
-        job = self.store.create(found.name, found.number, pack(inputs), "rows", None, request_id)
-        lanes = self.lanes if found.spec.options.max_batch_size > 1 else None
-        dispatch(self.celery, lanes, Lane(found.name, found.number), job.id, {"request_id": request_id})
+        job = submission.submit(self.celery, self.store, self.lanes, found, inputs, "rows", None, uuid.uuid4().hex)
         return job.id
 
     def submit_web(self, row: np.ndarray) -> str:

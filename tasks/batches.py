@@ -1,13 +1,14 @@
 """Dynamic batching: queued single jobs of one model version coalesced into one runtime call.
 
-A job to batch goes on a Redis list per model version; the push also arms the list (a flag with a
-lease), and only the push that arms it sends a Celery message, `predict_batch`. So Celery's publish,
-deliver and ack are paid once per batch, not once per job. The batcher waits until `max_batch_size`
-jobs are there or `max_batch_delay_ms` has passed, takes them (a Lua script that also disarms an
-emptied list, so a job pushed meanwhile always arms it again), runs them in one call, and goes on
-while jobs keep coming. Taken jobs are held in an in-flight set until finished; `reclaim_batches`
-(run by beat) puts back those a lost worker left there past the lease. A batch the runtime refuses
-is run job by job, so one bad job fails alone, with its reason.
+A job to batch goes on a Redis list per model version, a lane; the push also arms the lane (a flag with
+a lease), and only the push that arms it sends a Celery message, `predict_batch`. So Celery's publish,
+deliver and ack are paid once per batch, not once per job. The batcher waits until `max_batch_size` jobs
+are there or `max_batch_delay_ms` has passed, takes them, runs them in one call, and goes on while jobs
+keep coming. The lane stays armed while it runs; leaving, it disarms the lane only if the lane is still
+empty (one Lua script), so a job pushed meanwhile never lacks a batcher. Taken jobs are held in an
+in-flight set until finished; `reclaim_batches` (run by beat) puts back those a lost worker left there
+past the lease. A batch the runtime refuses is run job by job, so one bad job fails alone, with its
+reason.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ _TAKE = """
 local ids = redis.call('LPOP', KEYS[1], ARGV[1])
 if not ids then ids = {} end
 for _, id in ipairs(ids) do redis.call('ZADD', KEYS[3], ARGV[2], ARGV[3] .. id) end
-if redis.call('LLEN', KEYS[1]) == 0 then redis.call('DEL', KEYS[2]) else redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return ids
+"""
+_DISARM = """
+if redis.call('LLEN', KEYS[1]) > 0 then return 0 end
+redis.call('DEL', KEYS[2])
+return 1
 """
 INFLIGHT = "batches:inflight"
 SEPARATOR = "\t"
@@ -62,10 +68,20 @@ class BatchQueue:
         self.client, self.lease_ms = client, int(lease_s * 1000)
         self._enqueue = client.register_script(_ENQUEUE)
         self._take = client.register_script(_TAKE)
+        self._disarm = client.register_script(_DISARM)
 
-    def put(self, lane: Lane, job_id: str) -> bool:
+    def put(self, lane: Lane, job_id: str, client: redis.client.Pipeline | None = None) -> bool:
         """Queue a job id; True when this push armed the lane (and so must send a batcher)."""
-        return bool(self._enqueue(keys=[lane.key("jobs"), lane.key("armed")], args=[job_id, self.lease_ms]))
+        keys = [lane.key("jobs"), lane.key("armed")]
+        return bool(self._enqueue(keys=keys, args=[job_id, self.lease_ms], client=client))
+
+    def disarm_now(self, lane: Lane) -> None:
+        """Disarm a lane whose batcher could not be sent, whatever waits in it."""
+        self.client.delete(lane.key("armed"))
+
+    def disarm(self, lane: Lane) -> bool:
+        """Disarm a lane its batcher leaves, unless jobs came meanwhile (then the batcher goes on)."""
+        return bool(self._disarm(keys=[lane.key("jobs"), lane.key("armed")]))
 
     def idle(self) -> list[Lane]:
         """Arm and answer the lanes with jobs waiting but no batcher (its message lost, or its lease over)."""
@@ -82,7 +98,7 @@ class BatchQueue:
         return self.client.llen(lane.key("jobs"))
 
     def take(self, lane: Lane, count: int) -> list[str]:
-        """Take up to `count` job ids, recording them in flight; disarm the lane once it is empty."""
+        """Take up to `count` job ids, recording them in flight, and renew the lane's lease."""
         keys = [lane.key("jobs"), lane.key("armed"), INFLIGHT]
         ids = self._take(keys=keys, args=[count, time.time(), lane.prefix, self.lease_ms])
         return [i.decode() for i in ids]
@@ -105,9 +121,14 @@ class BatchQueue:
 
 def dispatch(app: Celery, queue: BatchQueue | None, lane: Lane, job_id: str, headers: dict[str, str]) -> None:
     """Send a job to be predicted: onto its lane when batching, else as a task of its own."""
-    if queue is None:
+    send(app, lane, job_id, headers, batched=queue is not None, armed=queue is not None and queue.put(lane, job_id))
+
+
+def send(app: Celery, lane: Lane, job_id: str, headers: dict[str, str], batched: bool, armed: bool) -> None:
+    """The Celery message a job needs once it is recorded: its own task, a batcher for its lane, or none."""
+    if not batched:
         app.tasks["predict"].apply_async(args=[job_id], queue="predict", headers=headers)
-    elif queue.put(lane, job_id):
+    elif armed:
         app.tasks["predict_batch"].apply_async(args=[lane.model, lane.version], queue="predict")
 
 
@@ -122,4 +143,4 @@ def fill(queue: BatchQueue, lane: Lane, size: int, delay_s: float) -> None:
     """Wait until `size` jobs wait in the lane or `delay_s` has passed."""
     deadline = time.monotonic() + delay_s
     while queue.waiting(lane) < size and time.monotonic() < deadline:
-        time.sleep(0.0005)
+        time.sleep(min(0.001, max(0.0, deadline - time.monotonic())))

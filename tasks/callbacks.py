@@ -22,7 +22,7 @@ RETRIED = frozenset({408, 425, 429})
 """4xx answers worth another try; any other 4xx means the receiver refuses the job for good."""
 
 
-@shared_task(name="deliver_callback", bind=True, acks_late=True, max_retries=8)
+@shared_task(name="deliver_callback", bind=True, acks_late=True, max_retries=8, ignore_result=True)
 def deliver_callback(self: Task, job_id: str) -> str:
     """POST the finished job to its callback URL; retry on network errors, 5xx, 408, 425 and 429."""
     store = jobs()

@@ -26,10 +26,14 @@ from tasks.resources import batches, jobs, registry
 
 log = logging.getLogger(__name__)
 STAGES = {"preprocess", "predict"}
+STAGE: dict[str, Any] = {
+    "bind": True, "acks_late": True, "ignore_result": True,  # the job's record holds the outcome
+    "max_retries": 3, "default_retry_delay": 1,  # a worker lost mid-task: retried soon, a bounded number of times
+}
 Work = Callable[[Job, models.ModelVersion, dict[str, np.ndarray]], str]
 
 
-@shared_task(name="preprocess", bind=True, acks_late=True, max_retries=3, default_retry_delay=1)
+@shared_task(name="preprocess", **STAGE)
 def preprocess(self: Task, job_id: str) -> dict[str, str]:
     """Decode a job's images into the tensors its model takes, then queue its prediction."""
 
@@ -42,7 +46,7 @@ def preprocess(self: Task, job_id: str) -> dict[str, str]:
     return _stage(self, job_id, work)
 
 
-@shared_task(name="predict", bind=True, acks_late=True, max_retries=3, default_retry_delay=1)
+@shared_task(name="predict", **STAGE)
 def predict(self: Task, job_id: str) -> dict[str, str]:
     """Run one queued job; its outputs go to the job's record, the return value is a summary."""
 
@@ -54,7 +58,7 @@ def predict(self: Task, job_id: str) -> dict[str, str]:
     return _stage(self, job_id, work)
 
 
-@shared_task(name="predict_batch", bind=True, acks_late=True, max_retries=3, default_retry_delay=1)
+@shared_task(name="predict_batch", **STAGE)
 def predict_batch(self: Task, model: str, version: int) -> dict[str, int]:
     """Run the jobs waiting in one model version's lane, a batch at a time, while they keep coming."""
     lane, queue, count = Lane(model, version), batches(), 0
@@ -67,16 +71,22 @@ def predict_batch(self: Task, model: str, version: int) -> dict[str, int]:
     if self.request.retries:  # this batcher's last run lost its worker: take back what it held
         _put_back(self, queue, queue.reclaim(0, lane))
     options = found.spec.options
+    helped = False
     while True:
         fill(queue, lane, options.max_batch_size, options.max_batch_delay_ms / 1000)
         taken = queue.take(lane, options.max_batch_size)
         if not taken:
-            return {"jobs": count}
+            if queue.disarm(lane):
+                return {"jobs": count}
+            continue  # jobs came while it was leaving
+        if not helped and queue.waiting(lane) >= options.max_batch_size:
+            helped = True  # a backlog: let one more worker process take batches of this lane too
+            self.app.tasks["predict_batch"].apply_async(args=[model, version], queue="predict")
         count += _run_batch(self, found, taken)
         queue.done(lane, taken)
 
 
-@shared_task(name="reclaim_batches", bind=True)
+@shared_task(name="reclaim_batches", bind=True, ignore_result=True)
 def reclaim_batches(self: Task) -> dict[str, int]:
     """Put back in line the batched jobs a lost worker took and never finished."""
     queue = batches()
@@ -126,14 +136,12 @@ def _run_batch(task: Task, found: models.ModelVersion, taken: list[str]) -> int:
     except (models.ModelError, ValueError, KeyError) as exc:
         log.info("batch of %d jobs refused (%s); running them one by one", len(pairs), exc)
         results = [_alone(found, inputs) for _, inputs in pairs]
-    for (job_id, _), result in zip(pairs, results, strict=True):
-        if isinstance(result, str):
-            store.fail(job_id, result)
-        else:
-            store.succeed(job_id, pack(result))
-        job = store.get(job_id)
-        log.info("request %s: job %s %s", job.request_id or "-", job_id, job.status)
-        _call_back(task, job)
+    finished = store.finish_many([(job_id, r if isinstance(r, str) else pack(r))
+                                  for (job_id, _), r in zip(pairs, results, strict=True)])
+    for job_id, callback_url, request_id in finished:
+        log.info("request %s: job %s finished in a batch", request_id or "-", job_id)
+        if callback_url:
+            task.app.tasks["deliver_callback"].apply_async(args=[job_id], queue="callbacks")
     log.info("batch of %d jobs for %s version %d done", len(pairs), found.name, found.number)
     return len(pairs)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,13 +38,17 @@ return 1
 """
 _FINISH = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if status ~= ARGV[1] then return 0 end
+if status ~= ARGV[1] then return false end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3])
 if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'error', ARGV[4]) end
-if ARGV[5] ~= '' then redis.call('SET', KEYS[2], ARGV[5], 'KEEPTTL') end
+local ttl = redis.call('PTTL', KEYS[1])
+if ARGV[5] ~= '' and ttl > 0 then redis.call('SET', KEYS[2], ARGV[5], 'PX', ttl) end
 redis.call('DEL', KEYS[3])
-return 1
+return redis.call('HMGET', KEYS[1], 'callback_url', 'request_id')
 """
+
+
+Then = Callable[[redis.client.Pipeline, str], None]
 
 
 class JobNotFound(LookupError):
@@ -80,21 +85,25 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
 
     def create(self, model: str, version: int, inputs: bytes, shape: str, callback_url: str | None = None,
-               request_id: str | None = None) -> Job:
-        """Record a new queued job and its inputs; answer it."""
+               request_id: str | None = None, then: Then | None = None) -> tuple[Job, Any]:
+        """Record a new queued job and its inputs; answer it, and what `then` added to the same round trip.
+
+        `then(pipeline, job_id)` queues more commands in the same transaction (e.g. putting the job in
+        its batch lane); the result of its last command comes back.
+        """
         job = Job(str(uuid.uuid4()), model, version, JobStatus.QUEUED, time.time(), shape,
                   callback_url=callback_url, request_id=request_id)
         fields = {"model": model, "version": version, "status": job.status.value,
                   "created_at": repr(job.created_at), "shape": shape}
         fields |= {k: v for k, v in (("callback_url", callback_url), ("request_id", request_id)) if v}
-        outputs = _key(job.id, "outputs")
         with self.client.pipeline(transaction=True) as pipe:
             pipe.hset(_key(job.id), mapping=fields).expire(_key(job.id), self.ttl_s)
             pipe.set(_key(job.id, "inputs"), inputs, ex=self.ttl_s)
-            pipe.set(outputs, b"", ex=self.ttl_s)  # holds the TTL the result will keep
             pipe.set(_key(job.id, "issued"), b"1", ex=self.retention_s)
-            pipe.execute()
-        return job
+            if then is not None:
+                then(pipe, job.id)
+            results = pipe.execute()
+        return job, results[-1] if then is not None else None
 
     def get(self, job_id: str) -> Job:
         """A job's record; JobNotFound for an id never issued, JobExpired for one whose record expired."""
@@ -138,7 +147,7 @@ class JobStore:
 
     def outputs(self, job_id: str) -> bytes | None:
         """A succeeded job's packed outputs."""
-        return self.client.get(_key(job_id, "outputs")) or None
+        return self.client.get(_key(job_id, "outputs"))
 
     def start_many(self, job_ids: list[str]) -> list[int]:
         """`start` for several jobs in one round trip."""
@@ -164,6 +173,21 @@ class JobStore:
         """Store a running job's outputs and mark it succeeded."""
         return self._end(job_id, JobStatus.RUNNING, JobStatus.SUCCEEDED, "", outputs)
 
+    def finish_many(self, results: list[tuple[str, bytes | str]]) -> list[tuple[str, str | None, str | None]]:
+        """Succeed (outputs) or fail (a reason) running jobs in one round trip.
+
+        Answers, for each job this call finished, (job id, callback URL, request id).
+        """
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id, result in results:
+                now, error, outputs = ((JobStatus.FAILED, result, b"") if isinstance(result, str)
+                                       else (JobStatus.SUCCEEDED, "", result))
+                args = [JobStatus.RUNNING.value, now.value, repr(time.time()), error, outputs]
+                self._finish(keys=self._end_keys(job_id), args=args, client=pipe)
+            replies = pipe.execute()
+        return [(job_id, *(_text(v) for v in reply)) for (job_id, _), reply in zip(results, replies, strict=True)
+                if reply]
+
     def fail(self, job_id: str, error: str) -> bool:
         """Mark a queued or running job failed with its reason."""
         return any(self._end(job_id, was, JobStatus.FAILED, error or "failed", b"")
@@ -174,8 +198,12 @@ class JobStore:
         return self._end(job_id, JobStatus.QUEUED, JobStatus.CANCELLED, "", b"")
 
     def _end(self, job_id: str, was: JobStatus, now: JobStatus, error: str, outputs: bytes) -> bool:
-        keys = [_key(job_id), _key(job_id, "outputs"), _key(job_id, "inputs")]
-        return bool(self._finish(keys=keys, args=[was.value, now.value, repr(time.time()), error, outputs]))
+        args = [was.value, now.value, repr(time.time()), error, outputs]
+        return bool(self._finish(keys=self._end_keys(job_id), args=args))
+
+    @staticmethod
+    def _end_keys(job_id: str) -> list[str]:
+        return [_key(job_id), _key(job_id, "outputs"), _key(job_id, "inputs")]
 
 
 def _key(job_id: str, part: str = "") -> str:
@@ -193,6 +221,10 @@ def _iso(timestamp: float | None) -> str | None:
     if timestamp is None:
         return None
     return datetime.datetime.fromtimestamp(timestamp, datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode()
 
 
 def _float(text: str | None) -> float | None:

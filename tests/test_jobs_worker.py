@@ -20,7 +20,7 @@ from sklearn.datasets import load_digits, load_iris
 from models.tensor import pack
 from samples import Receiver, callback_receiver, digit_png
 from tasks import TaskSettings, create_celery
-from tasks.batches import Lane
+from tasks.batches import BatchQueue, Lane
 from webapp import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +86,7 @@ def test_submit_poll_succeeded_with_the_outputs_of_predict(client: FlaskClient, 
     job = wait_for(client, submitted.get_json()["status_url"])
     assert job["status"] == "succeeded", job
     assert job["result"] == client.post("/v1/models/iris:predict", json=body).get_json()
-    assert f"request req-worker-1: job {job['job_id']} succeeded" in worker.log.read_text()
+    assert f"request req-worker-1: job {job['job_id']} finished" in worker.log.read_text()
 
 
 def test_many_jobs_at_once_each_get_their_own_result(client: FlaskClient):
@@ -144,7 +144,7 @@ def test_prep_and_predict_run_on_separate_worker_pools(tmp_path: Path):
         assert wait_for(client, tensor_job["status_url"])["status"] == "succeeded"
         prep_log, predict_log = prep.log.read_text(), pred.log.read_text()
     assert f"job {image_job['job_id']} preprocessed" in prep_log
-    assert f"job {image_job['job_id']} succeeded" in predict_log
+    assert f"job {image_job['job_id']} finished" in predict_log
     assert tensor_job["job_id"] not in prep_log  # tensors skip the prep stage
 
 
@@ -174,9 +174,10 @@ def test_callbacks_are_retried_with_backoff_until_the_receiver_takes_them(client
 
 def test_batched_jobs_a_lost_batcher_held_are_reclaimed(client: FlaskClient, worker: subprocess.Popen):
     app = client.application
-    lane, queue = Lane("iris", 1), app.extensions["batches"]
+    lane, queue = Lane("iris", 1), BatchQueue(app.extensions["jobs"].client, lease_s=1)  # the worker's lease
     jobs = app.extensions["jobs"]
-    held = [jobs.create("iris", 1, pack({"features": np.float32([[5.1, 3.5, 1.4, 0.2]])}), "rows") for _ in range(3)]
+    held = [jobs.create("iris", 1, pack({"features": np.float32([[5.1, 3.5, 1.4, 0.2]])}), "rows")[0]
+            for _ in range(3)]
     for job in held:  # what a batcher that died after taking them leaves behind
         queue.put(lane, job.id)
     assert sorted(queue.take(lane, 10)) == sorted(job.id for job in held)

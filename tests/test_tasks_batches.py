@@ -39,7 +39,7 @@ def queue(client: redis.Redis) -> BatchQueue:
 
 
 def new_job(store: JobStore) -> str:
-    return store.create("iris", 1, pack({"features": np.float32([[5.1, 3.5, 1.4, 0.2]])}), "rows").id
+    return store.create("iris", 1, pack({"features": np.float32([[5.1, 3.5, 1.4, 0.2]])}), "rows")[0].id
 
 
 def test_a_job_started_too_often_is_failed_and_says_why(store: JobStore):
@@ -59,7 +59,11 @@ def test_only_the_push_that_arms_a_lane_sends_a_batcher(queue: BatchQueue, store
     assert queue.put(LANE, new_job(store)) is False  # still armed: the lane is not empty
     assert len(queue.take(LANE, 10)) == 2
     assert queue.take(LANE, 10) == []
-    assert queue.put(LANE, new_job(store)) is True  # emptied lanes are disarmed
+    assert queue.put(LANE, new_job(store)) is False  # armed while its batcher runs, even when empty
+    assert queue.disarm(LANE) is False  # a job came: the batcher must go on
+    assert len(queue.take(LANE, 10)) == 1
+    assert queue.disarm(LANE) is True
+    assert queue.put(LANE, new_job(store)) is True  # a disarmed lane is armed by the next push
 
 
 def test_jobs_held_past_the_lease_are_reclaimed_once(queue: BatchQueue, store: JobStore):

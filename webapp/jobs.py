@@ -10,8 +10,7 @@ import numpy as np
 from flask import Blueprint, Response, current_app, request, url_for
 
 import models
-from models.tensor import pack
-from tasks.batches import Lane, dispatch
+from tasks import submission
 from tasks.jobs import JobStore
 from webapp import tfserving_codec, wire
 from webapp.errors import BadRequest, Conflict
@@ -34,19 +33,9 @@ def submit(name: str, version: int | None = None) -> Response:
         callback = body.pop("callback_url", None)
         inputs, rows = tfserving_codec.parse(body, found)
     models.prepare(found, inputs, images=False)
-    request_id = _request_id()
-    job = store().create(found.name, found.number, pack(inputs), "rows" if rows else "columns", _checked(callback),
-                         request_id)
-    celery, headers = current_app.extensions["celery"], {"request_id": request_id}
-    try:
-        if models.has_encoded_images(found, inputs):
-            celery.tasks["preprocess"].apply_async(args=[job.id], queue="prep", headers=headers)
-        else:
-            lanes = current_app.extensions["batches"] if found.spec.options.max_batch_size > 1 else None
-            dispatch(celery, lanes, Lane(found.name, found.number), job.id, headers)
-    except Exception:
-        store().delete(job.id)
-        raise
+    request_id, extensions = _request_id(), current_app.extensions
+    job = submission.submit(extensions["celery"], store(), extensions["batches"], found, inputs,
+                            "rows" if rows else "columns", _checked(callback), request_id)
     log.info("request %s: job %s queued for %s version %d", request_id, job.id, found.name, found.number)
     location = url_for("jobs.status", job_id=job.id)
     headers = {"Location": location, "X-Request-ID": request_id}

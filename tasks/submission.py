@@ -1,0 +1,38 @@
+"""Submitting a job: record it, then send the one message that gets it run."""
+
+from __future__ import annotations
+
+import numpy as np
+from celery import Celery
+
+import models
+from models.tensor import pack
+from tasks.batches import BatchQueue, Lane, send
+from tasks.jobs import Job, JobStore
+
+
+def submit(app: Celery, store: JobStore, queue: BatchQueue | None, version: models.ModelVersion,
+           inputs: dict[str, np.ndarray], shape: str, callback_url: str | None, request_id: str) -> Job:
+    """Record a job and queue its first stage: `preprocess` for encoded images, else its batch lane or
+    its own `predict` task. The record and the lane push are one Redis round trip."""
+    lane = Lane(version.name, version.number)
+    images = models.has_encoded_images(version, inputs)
+    lanes = queue if queue is not None and not images and version.spec.options.max_batch_size > 1 else None
+
+    def put(pipe: object, job_id: str) -> None:
+        lanes.put(lane, job_id, client=pipe)
+
+    job, armed = store.create(version.name, version.number, pack(inputs), shape, callback_url, request_id,
+                              put if lanes is not None else None)
+    headers = {"request_id": request_id}
+    try:
+        if images:
+            app.tasks["preprocess"].apply_async(args=[job.id], queue="prep", headers=headers)
+        else:
+            send(app, lane, job.id, headers, batched=lanes is not None, armed=bool(armed))
+    except Exception:
+        store.delete(job.id)
+        if armed:  # no batcher was sent: let the next job arm the lane again
+            lanes.disarm_now(lane)
+        raise
+    return job
