@@ -70,10 +70,13 @@ class BatchQueue:
         self._take = client.register_script(_TAKE)
         self._disarm = client.register_script(_DISARM)
 
-    def put(self, lane: Lane, job_id: str, client: redis.client.Pipeline | None = None) -> bool:
+    def put(self, lane: Lane, job_id: str) -> bool:
         """Queue a job id; True when this push armed the lane (and so must send a batcher)."""
-        keys = [lane.key("jobs"), lane.key("armed")]
-        return bool(self._enqueue(keys=keys, args=[job_id, self.lease_ms], client=client))
+        return bool(self._enqueue(keys=[lane.key("jobs"), lane.key("armed")], args=[job_id, self.lease_ms]))
+
+    def push_for(self, lane: Lane) -> tuple[str, str, int]:
+        """What `JobStore.create` needs to push a new job onto this lane in the same round trip."""
+        return lane.key("jobs"), lane.key("armed"), self.lease_ms
 
     def disarm_now(self, lane: Lane) -> None:
         """Disarm a lane whose batcher could not be sent, whatever waits in it."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +19,16 @@ from models import answer
 from models.tensor import unpack
 from tasks.status import JobStatus
 
+_CREATE = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[1])
+redis.call('SET', KEYS[3], '1', 'EX', ARGV[2])
+if #KEYS < 5 then return 0 end
+redis.call('RPUSH', KEYS[4], ARGV[4])
+if redis.call('SET', KEYS[5], '1', 'NX', 'PX', ARGV[5]) then return 1 end
+return 0
+"""
 MAX_ATTEMPTS = 5
 """Starts a job may have (each stage is one; a worker lost mid-stage makes another) before it is failed."""
 _START = """
@@ -48,7 +57,8 @@ return redis.call('HMGET', KEYS[1], 'callback_url', 'request_id')
 """
 
 
-Then = Callable[[redis.client.Pipeline, str], None]
+Push = tuple[str, str, int]
+"""Where a new job goes to be batched: its lane's list key, the lane's armed key, the lane's lease (ms)."""
 
 
 class JobNotFound(LookupError):
@@ -81,29 +91,25 @@ class JobStore:
 
     def __init__(self, client: redis.Redis, ttl_s: int, retention_s: int):
         self.client, self.ttl_s, self.retention_s = client, ttl_s, max(retention_s, ttl_s)
+        self._create = client.register_script(_CREATE)
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
 
     def create(self, model: str, version: int, inputs: bytes, shape: str, callback_url: str | None = None,
-               request_id: str | None = None, then: Then | None = None) -> tuple[Job, Any]:
-        """Record a new queued job and its inputs; answer it, and what `then` added to the same round trip.
-
-        `then(pipeline, job_id)` queues more commands in the same transaction (e.g. putting the job in
-        its batch lane); the result of its last command comes back.
-        """
+               request_id: str | None = None, push: Push | None = None) -> tuple[Job, bool]:
+        """Record a new queued job and its inputs, and push it onto its batch lane if given, in one
+        atomic round trip; answer the job and whether the push armed the lane (so a batcher must go)."""
         job = Job(str(uuid.uuid4()), model, version, JobStatus.QUEUED, time.time(), shape,
                   callback_url=callback_url, request_id=request_id)
-        fields = {"model": model, "version": version, "status": job.status.value,
-                  "created_at": repr(job.created_at), "shape": shape}
-        fields |= {k: v for k, v in (("callback_url", callback_url), ("request_id", request_id)) if v}
-        with self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(_key(job.id), mapping=fields).expire(_key(job.id), self.ttl_s)
-            pipe.set(_key(job.id, "inputs"), inputs, ex=self.ttl_s)
-            pipe.set(_key(job.id, "issued"), b"1", ex=self.retention_s)
-            if then is not None:
-                then(pipe, job.id)
-            results = pipe.execute()
-        return job, results[-1] if then is not None else None
+        fields = ["model", model, "version", version, "status", job.status.value,
+                  "created_at", repr(job.created_at), "shape", shape]
+        for name, value in (("callback_url", callback_url), ("request_id", request_id)):
+            if value:
+                fields += [name, value]
+        keys = [_key(job.id), _key(job.id, "inputs"), _key(job.id, "issued")]
+        lane_keys, lease_ms = (list(push[:2]), push[2]) if push else ([], 0)
+        args = [self.ttl_s, self.retention_s, inputs, job.id, lease_ms, *fields]
+        return job, bool(self._create(keys=keys + lane_keys, args=args))
 
     def get(self, job_id: str) -> Job:
         """A job's record; JobNotFound for an id never issued, JobExpired for one whose record expired."""

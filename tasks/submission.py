@@ -18,12 +18,8 @@ def submit(app: Celery, store: JobStore, queue: BatchQueue | None, version: mode
     lane = Lane(version.name, version.number)
     images = models.has_encoded_images(version, inputs)
     lanes = queue if queue is not None and not images and version.spec.options.max_batch_size > 1 else None
-
-    def put(pipe: object, job_id: str) -> None:
-        lanes.put(lane, job_id, client=pipe)
-
     job, armed = store.create(version.name, version.number, pack(inputs), shape, callback_url, request_id,
-                              put if lanes is not None else None)
+                              lanes.push_for(lane) if lanes is not None else None)
     headers = {"request_id": request_id}
     try:
         if images:
