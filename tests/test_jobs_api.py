@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -170,3 +171,19 @@ def test_a_failed_job_is_posted_too_and_a_4xx_is_not_retried(eager_client: Flask
 def test_a_bad_callback_url_is_400(eager_client: FlaskClient, url: object):
     assert "callback_url" in error_of(eager_client.post("/v1/models/iris:submit", json={**IRIS, "callback_url": url}),
                                       400)
+
+
+def test_redis_stopped_submit_is_503_while_predict_answers(tmp_path):
+    from deploy import redis_server
+
+    process, url = redis_server.start(tmp_path / "redis", stdout=subprocess.DEVNULL)
+    try:
+        client = create_app({"TESTING": True, "redis_url": url, "celery": EAGER}).test_client()
+        assert client.post("/v1/models/iris:submit", json=IRIS).status_code == 202
+    finally:
+        process.terminate()
+        process.wait(10)
+    response = client.post("/v1/models/iris:submit", json=IRIS)
+    assert "unavailable" in error_of(response, 503)
+    assert response.headers["Retry-After"]
+    assert client.post("/v1/models/iris:predict", json=IRIS).status_code == 200

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 
-from models.tensor import pack
+from models import Registry, Settings
+from models.tensor import pack, unpack
+from tasks import inference
 from tasks.batches import BatchQueue, Lane, split
 from tasks.jobs import MAX_ATTEMPTS, JobStore
 from tasks.status import JobStatus
@@ -90,3 +93,37 @@ def test_outputs_are_split_back_per_job():
     parts = split(outputs, [1, 3, 2])
     assert [p["label"].tolist() for p in parts] == [[0], [1, 2, 3], [4, 5]]
     assert parts[2]["probabilities"].tolist() == [[8, 9], [10, 11]]
+
+
+def gather_model(root: Path) -> None:
+    """A model that fails at run time on an out-of-range index, which no submission check can see."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    table = helper.make_tensor("table", TensorProto.FLOAT, [10, 1], [float(i) for i in range(10)])
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "index"], ["gathered"], axis=0),
+         helper.make_node("Reshape", ["gathered", "shape"], ["value"])],
+        "gather",
+        [helper.make_tensor_value_info("index", TensorProto.INT64, ["n", 1])],
+        [helper.make_tensor_value_info("value", TensorProto.FLOAT, ["n", 1])],
+        [table, helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (root / "gather" / "1").mkdir(parents=True)
+    onnx.save(model, root / "gather" / "1" / "model.onnx")
+    (root / "gather" / "model.toml").write_text(
+        '[[inputs]]\nname = "index"\ndtype = "int64"\nshape = [-1, 1]\n\n'
+        '[[outputs]]\nname = "value"\ndtype = "float32"\nshape = [-1, 1]\n'
+    )
+
+
+def test_a_batch_the_runtime_refuses_fails_only_its_bad_job(tmp_path: Path, store: JobStore):
+    gather_model(tmp_path)
+    found = Registry(Settings(models_dir=tmp_path)).get("gather")
+    ids = [store.create("gather", 1, pack({"index": np.array([[i]], np.int64)}), "rows")[0].id for i in (1, 99, 2)]
+    assert inference._run_batch(inference.predict_batch, found, ids) == 3
+    jobs = [store.get(i) for i in ids]
+    assert [j.status for j in jobs] == [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.SUCCEEDED]
+    assert "rejected" in jobs[1].error
+    assert [unpack(store.outputs(i))["value"].tolist() for i in (ids[0], ids[2])] == [[[1.0]], [[2.0]]]
