@@ -48,6 +48,8 @@ def celery_config(settings: TaskSettings) -> dict[str, Any]:
         "result_expires": settings.result_expires_s,
         "result_extended": True,
         "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,  # Flower shows every task, whenever it started
+        "task_send_sent_event": True,
         "task_default_queue": "predict",
         "worker_proc_alive_timeout": 30,
         "beat_schedule": {

@@ -93,9 +93,10 @@ def embedded_platform(tmp_path: Path) -> Iterator[Platform]:
     yield from _launch(tmp_path, None)
 
 
-def _queued_prediction(platform: Platform) -> dict:
+def _queued_prediction(platform: Platform, request_id: str = "launch-test") -> dict:
     """Submit a job to the platform's web process, let its worker run it, answer the finished job."""
-    submitted = requests.post(f"{platform.web}/v1/models/iris:submit", json={"instances": IRIS}, timeout=10)
+    submitted = requests.post(f"{platform.web}/v1/models/iris:submit", json={"instances": IRIS}, timeout=10,
+                              headers={"X-Request-ID": request_id})
     assert submitted.status_code == 202, submitted.text
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -104,6 +105,17 @@ def _queued_prediction(platform: Platform) -> dict:
             return job
         time.sleep(0.05)
     pytest.fail(f"job not finished in 60 s: {job}")
+
+
+def _flower_saw(platform: Platform, task_name: str) -> bool:
+    """Whether Flower's task list shows a task of that name (its events arrive asynchronously)."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        tasks = requests.get(f"{platform.flower}/api/tasks", auth=("ops", "s3cret"), timeout=10).json()
+        if any(t.get("name") == task_name for t in tasks.values()):
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def _stop(platform: Platform) -> int:
@@ -116,14 +128,22 @@ def test_make_run_serves_queues_and_shows_flower_then_stops_on_ctrl_c(platform: 
     answer = requests.post(f"{platform.web}/v1/models/iris:predict", json={"instances": IRIS}, timeout=10).json()
     assert [p["label_name"] for p in answer["predictions"]] == ["setosa", "virginica"]
 
-    job = _queued_prediction(platform)
-    assert job["status"] == "succeeded", job
-    assert job["result"] == answer
-
     _wait(platform, f"{platform.flower}/api/workers?refresh=1", auth=("ops", "s3cret"))
     assert requests.get(f"{platform.flower}/api/workers", timeout=5).status_code == 401
-    workers = requests.get(f"{platform.flower}/api/workers?refresh=1", auth=("ops", "s3cret"), timeout=10).json()
-    assert any("predict" in w.get("registered", []) for w in workers.values()), workers
+    expected = {"preprocess", "predict", "predict_batch", "deliver_callback", "reclaim_batches"}
+    deadline, registered = time.monotonic() + 30, set()
+    while not expected <= registered and time.monotonic() < deadline:
+        workers = requests.get(f"{platform.flower}/api/workers?refresh=1", auth=("ops", "s3cret"), timeout=10).json()
+        registered = {name for w in workers.values() for name in w.get("registered", [])}
+        time.sleep(0.5)
+    assert expected <= registered
+
+    job = _queued_prediction(platform, "trace-launch-1")
+    assert job["status"] == "succeeded", job
+    assert job["result"] == answer
+    log_lines = [line for line in platform.output().splitlines() if "request trace-launch-1" in line]
+    assert any("queued" in line for line in log_lines) and any("finished" in line for line in log_lines), log_lines
+    assert _flower_saw(platform, "predict_batch")
 
     assert _stop(platform) == 0
     assert not _port_open(platform.web) and not _port_open(platform.flower)
