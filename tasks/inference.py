@@ -52,7 +52,7 @@ def predict(self: Task, job_id: str) -> dict[str, str]:
 
     def work(job: Job, version: models.ModelVersion, inputs: dict[str, np.ndarray]) -> str:
         jobs().succeed(job.id, pack(models.predict(version, inputs)))
-        _call_back(self, job)
+        _call_back(self, job.id, job.callback_url)
         return "succeeded"
 
     return _stage(self, job_id, work)
@@ -122,28 +122,25 @@ def _run_batch(task: Task, found: models.ModelVersion, taken: list[str]) -> int:
     store = jobs()
     starts = dict(zip(taken, store.start_many(taken), strict=True))
     for job_id in [i for i, started in starts.items() if started < 0]:
-        _call_back(task, store.get(job_id))
+        _call_back(task, job_id, store.get(job_id).callback_url)
     ids = [job_id for job_id, started in starts.items() if started > 0]
-    packed = store.inputs_many(ids)
-    for job_id in [i for i, data in zip(ids, packed, strict=True) if data is None]:
-        store.fail(job_id, "the job's inputs expired before it ran")
-    pairs = [(i, unpack(data)) for i, data in zip(ids, packed, strict=True) if data is not None]
-    if not pairs:
-        return 0
-    try:
-        batch = {name: np.concatenate([inputs[name] for _, inputs in pairs]) for name in pairs[0][1]}
-        results = split(models.predict(found, batch), [len(next(iter(inputs.values()))) for _, inputs in pairs])
-    except (models.ModelError, ValueError, KeyError) as exc:
-        log.info("batch of %d jobs refused (%s); running them one by one", len(pairs), exc)
-        results = [_alone(found, inputs) for _, inputs in pairs]
-    finished = store.finish_many([(job_id, r if isinstance(r, str) else pack(r))
-                                  for (job_id, _), r in zip(pairs, results, strict=True)])
-    for job_id, callback_url, request_id in finished:
+    packed = dict(zip(ids, store.inputs_many(ids), strict=True))
+    expired = "the job's inputs expired before it ran"
+    outcomes: dict[str, bytes | str] = {i: expired for i, data in packed.items() if data is None}
+    pairs = [(i, unpack(data)) for i, data in packed.items() if data is not None]
+    if pairs:
+        try:
+            batch = {name: np.concatenate([inputs[name] for _, inputs in pairs]) for name in pairs[0][1]}
+            results = split(models.predict(found, batch), [len(next(iter(inputs.values()))) for _, inputs in pairs])
+        except (models.ModelError, ValueError, KeyError) as exc:
+            log.info("batch of %d jobs refused (%s); running them one by one", len(pairs), exc)
+            results = [_alone(found, inputs) for _, inputs in pairs]
+        outcomes |= {i: r if isinstance(r, str) else pack(r) for (i, _), r in zip(pairs, results, strict=True)}
+    for job_id, callback_url, request_id in store.finish_many(list(outcomes.items())):
         log.info("request %s: job %s finished in a batch", request_id or "-", job_id)
-        if callback_url:
-            task.app.tasks["deliver_callback"].apply_async(args=[job_id], queue="callbacks")
-    log.info("batch of %d jobs for %s version %d done", len(pairs), found.name, found.number)
-    return len(pairs)
+        _call_back(task, job_id, callback_url)
+    log.info("batch of %d jobs for %s version %d done", len(outcomes), found.name, found.number)
+    return len(outcomes)
 
 
 def _alone(found: models.ModelVersion, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | str:
@@ -160,9 +157,10 @@ def _fail_lane(task: Task, queue: BatchQueue, lane: Lane, reason: str) -> int:
     while taken := queue.take(lane, 100):
         for job_id in taken:
             if store.fail(job_id, reason):
-                _call_back(task, store.get(job_id))
+                _call_back(task, job_id, store.get(job_id).callback_url)
             count += 1
         queue.done(lane, taken)
+    queue.disarm(lane)
     return count
 
 
@@ -172,7 +170,7 @@ def _stage(task: Task, job_id: str, work: Work) -> dict[str, str]:
     log.info("request %s: job %s %s (attempt %d)", request_id, job_id, task.name, task.request.retries + 1)
     started = store.start(job_id)
     if started < 0:
-        _call_back(task, store.get(job_id))
+        _call_back(task, job_id, store.get(job_id).callback_url)
     if started <= 0:
         return {"job_id": job_id, "status": "skipped: cancelled, finished, expired or given up"}
     job = store.get(job_id)
@@ -183,7 +181,7 @@ def _stage(task: Task, job_id: str, work: Work) -> dict[str, str]:
         status = work(job, registry().get(job.model, job.version), unpack(inputs))
     except models.ModelError as exc:
         store.fail(job_id, str(exc))
-        _call_back(task, job)
+        _call_back(task, job.id, job.callback_url)
         status = f"failed: {exc}"
     log.info("request %s: job %s %s", request_id, job_id, status)
     return {"job_id": job_id, "status": status}
@@ -193,10 +191,10 @@ def _request_id(task: Task) -> str:
     return getattr(task.request, "request_id", None) or "-"
 
 
-def _call_back(task: Task, job: Job) -> None:
+def _call_back(task: Task, job_id: str, callback_url: str | None) -> None:
     """Queue the delivery of a finished job to its callback URL, if it has one."""
-    if job.callback_url:
-        task.app.tasks["deliver_callback"].apply_async(args=[job.id], queue="callbacks")
+    if callback_url:
+        task.app.tasks["deliver_callback"].apply_async(args=[job_id], queue="callbacks")
 
 
 @task_failure.connect
@@ -206,4 +204,4 @@ def _record_failure(sender: Task | None = None, args: tuple | None = None, excep
     if sender is not None and sender.name in STAGES and args:
         store = jobs()
         if store.fail(args[0], f"{type(exception).__name__}: {exception}"):
-            _call_back(sender, store.get(args[0]))
+            _call_back(sender, args[0], store.get(args[0]).callback_url)
