@@ -11,9 +11,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models import pipeline as pipelines
 from models import spec as specs
 from models.config import Settings
 from models.errors import ModelNotFound, ModelNotReady, SpecError, VersionNotFound
+from models.pipeline import PipelineSpec
 from models.runtime import ARTEFACT, Session
 from models.spec import ModelSpec
 
@@ -69,6 +71,7 @@ class Registry:
         self.settings = settings
         self.root = settings.models_dir
         self._models: dict[str, Model] = {}
+        self._pipelines: dict[str, PipelineSpec] = {}
         self._problems: dict[str, str] = {}
         self._scanned = -float("inf")
         self._lock = threading.Lock()
@@ -84,6 +87,19 @@ class Registry:
         if found is None:
             raise ModelNotFound(f"no model named {name!r}")
         return found
+
+    def pipeline(self, name: str) -> PipelineSpec:
+        """A sync-async pipeline by name, rescanning first if the interval has passed."""
+        self.refresh()
+        found = self._pipelines.get(name)
+        if found is None:
+            raise ModelNotFound(f"no pipeline named {name!r}")
+        return found
+
+    def pipelines(self) -> list[PipelineSpec]:
+        """Every servable pipeline, by name."""
+        self.refresh()
+        return [self._pipelines[n] for n in sorted(self._pipelines)]
 
     def models(self) -> list[Model]:
         """Every servable model, by name."""
@@ -108,10 +124,11 @@ class Registry:
         try:
             self._scanned = time.monotonic()
             models, problems = self._scan()
+            pipelines = self._scan_pipelines(models, problems)
             for path, message in problems.items():
                 if self._problems.get(path) != message:
                     log.error("model repository: %s", message)
-            self._models, self._problems = models, problems
+            self._models, self._pipelines, self._problems = models, pipelines, problems
         finally:
             self._lock.release()
 
@@ -144,6 +161,23 @@ class Registry:
             else:
                 problems[str(folder)] = f"{folder}: no version folder holds a {ARTEFACT}"
         return models, problems
+
+    def _scan_pipelines(self, models: dict[str, Model], problems: dict[str, str]) -> dict[str, PipelineSpec]:
+        found: dict[str, PipelineSpec] = {}
+        try:
+            folders = sorted(p for p in self.root.iterdir() if (p / pipelines.PIPELINE_FILE).is_file())
+        except OSError:
+            return found  # already reported by the model scan
+        for folder in folders:
+            try:
+                spec = pipelines.load(folder)
+                light, heavy = (models.get(spec.light), models.get(spec.heavy))
+                pipelines.check(spec, light and light.spec, heavy and heavy.spec)
+            except SpecError as exc:
+                problems[exc.path] = str(exc)
+                continue
+            found[spec.name] = spec
+        return found
 
     def _load_model(self, folder: Path, problems: dict[str, str]) -> Model:
         old = self._models.get(folder.name)

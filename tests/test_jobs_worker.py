@@ -186,3 +186,11 @@ def test_batched_jobs_a_lost_batcher_held_are_reclaimed(client: FlaskClient, wor
     for job in held:
         assert wait_for(client, f"/v1/jobs/{job.id}")["status"] == "succeeded"
     assert "put back 3 batched jobs" in worker.log.read_text()
+
+
+def test_sync_async_pipeline_heavy_job_runs_on_the_worker(client: FlaskClient):
+    rows = {"instances": load_digits().data[10:12].tolist()}
+    body = client.post("/v1/pipelines/digits:predict", json=rows).get_json()
+    assert body["light"]["result"] == client.post("/v1/models/digits-light:predict", json=rows).get_json()
+    job = wait_for(client, body["heavy"]["status_url"])
+    assert job["result"] == client.post("/v1/models/digits-heavy:predict", json=rows).get_json()

@@ -20,8 +20,12 @@ PATTERNS = ("serving-template", "web-single", "synchronous", "asynchronous")
 def index() -> Response:
     """Every servable model with its versions, signature and the patterns it supports."""
     reg = registry()
+    pipelines = reg.pipelines()
+    in_pipelines = {name for p in pipelines for name in (p.light, p.heavy)}
     return json_response({
-        "models": [_entry(m) for m in reg.models()],
+        "models": [_entry(m, m.spec.name in in_pipelines) for m in reg.models()],
+        "pipelines": [{"name": p.name, "description": p.description, "light": p.light, "heavy": p.heavy}
+                      for p in pipelines],
         "problems": sorted(reg.problems.values()),
     })
 
@@ -32,7 +36,7 @@ def openapi_document() -> Response:
     return json_response(openapi.document())
 
 
-def _entry(model: Model) -> dict:
+def _entry(model: Model, in_pipeline: bool) -> dict:
     spec = model.spec
     return {
         "name": spec.name,
@@ -42,7 +46,8 @@ def _entry(model: Model) -> dict:
         "inputs": [_tensor(t) for t in spec.inputs],
         "outputs": [_tensor(t) for t in spec.outputs],
         "labels": list(spec.labels),
-        "patterns": list(PATTERNS) + (["prep-pred"] if spec.takes_images else []),
+        "patterns": list(PATTERNS) + (["prep-pred"] if spec.takes_images else [])
+        + (["sync-async"] if in_pipeline else []),
     }
 
 

@@ -33,12 +33,12 @@ def submit(name: str, version: int | None = None) -> Response:
         callback = body.pop("callback_url", None)
         inputs, rows = tfserving_codec.parse(body, found)
     models.prepare(found, inputs, images=False)
-    request_id, extensions = _request_id(), current_app.extensions
+    rid, extensions = request_id(), current_app.extensions
     job = submission.submit(extensions["celery"], store(), extensions["batches"], found, inputs,
-                            "rows" if rows else "columns", _checked(callback), request_id)
-    log.info("request %s: job %s queued for %s version %d", request_id, job.id, found.name, found.number)
+                            "rows" if rows else "columns", checked_callback(callback), rid)
+    log.info("request %s: job %s queued for %s version %d", rid, job.id, found.name, found.number)
     location = url_for("jobs.status", job_id=job.id)
-    headers = {"Location": location, "X-Request-ID": request_id}
+    headers = {"Location": location, "X-Request-ID": rid}
     return json_response({"job_id": job.id, "status_url": location}, 202, headers)
 
 
@@ -72,7 +72,7 @@ def _uploads(found: models.ModelVersion) -> dict[str, np.ndarray]:
     return {images[0].name: array}
 
 
-def _checked(url: object) -> str | None:
+def checked_callback(url: object) -> str | None:
     """A callback URL: absolute http or https, of a sane length."""
     if url is None:
         return None
@@ -85,7 +85,7 @@ def _checked(url: object) -> str | None:
     return url
 
 
-def _request_id() -> str:
+def request_id() -> str:
     """The client's X-Request-ID when it is short and printable, else a new one."""
     given = request.headers.get("X-Request-ID", "")
     if given and len(given) <= 128 and given.isprintable() and given.isascii():

@@ -75,6 +75,10 @@ def document() -> dict[str, Any]:
         "properties": {"callback_url": {"type": "string", "format": "uri"}},
     }}
     _versioned(paths, "/v1/models/{name}", submit, ":submit")
+    pipeline = _post("Sync-async: the light model's answer now, the heavy model's job", _schema("JobSubmit"),
+                     _schema("PipelineAnswer"))
+    pipeline["post"]["responses"]["202"] = _json(_schema("PipelineAnswer"), "the job only: the light model failed")
+    paths["/v1/pipelines/{name}:predict"] = {"post": {**pipeline["post"], "parameters": [NAME]}}
     job = _get("A job's state and result", _schema("Job"), 404, 410)
     job["delete"] = {"summary": "Cancel a queued job",
                      "responses": {"200": _json(_schema("Job"), "OK"), **_errors(404, 409, 410)}}
@@ -174,4 +178,13 @@ SCHEMAS: dict[str, Any] = {
 SCHEMAS["JobSubmit"] = {
     **SCHEMAS["TFPredict"],
     "properties": {**SCHEMAS["TFPredict"]["properties"], "callback_url": {"type": "string", "format": "uri"}},
+}
+SCHEMAS["PipelineAnswer"] = {
+    "type": "object",
+    "required": ["pipeline", "light", "heavy"],
+    "properties": {
+        "pipeline": {"type": "string"},
+        "light": {"type": "object", "description": "model, version and result, or model and error"},
+        "heavy": {"type": "object", "description": "model, version, job_id and status_url, or model and error"},
+    },
 }
