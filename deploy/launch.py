@@ -17,7 +17,9 @@ import time
 from pathlib import Path
 
 from deploy import redis_server
+from models import Registry, Settings
 from tasks.app import QUEUES
+from tasks.ensembles import member_queues
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,10 +36,15 @@ def commands(env: dict[str, str], var: Path) -> dict[str, list[str]]:
     flower_auth = f"{env.get('FLOWER_USER', 'admin')}:{env.get('FLOWER_PASSWORD', 'admin')}"
     return {
         "web": [py, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")],
-        "worker": [*celery, "worker", "-l", "INFO", "-Q", ",".join(QUEUES), "-n", "worker@%h"],
+        "worker": [*celery, "worker", "-l", "INFO", "-Q", ",".join(_queues(env)), "-n", "worker@%h"],
         "beat": [*celery, "beat", "-l", "INFO", "-s", str(var / "celerybeat-schedule")],
         "flower": [*celery, "flower", f"--port={env.get('FLOWER_PORT', '5555')}", f"--basic-auth={flower_auth}"],
     }
+
+
+def _queues(env: dict[str, str]) -> list[str]:
+    """Every queue: the platform's own and one per ensemble member model in the repository."""
+    return [*QUEUES, *member_queues(Registry(Settings.from_env(env)).ensembles())]
 
 
 class Launcher:

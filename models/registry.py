@@ -8,12 +8,16 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from models import pipeline as pipelines
+from models import ensemble as ensemble_spec
+from models import pipeline as pipeline_spec
 from models import spec as specs
 from models.config import Settings
+from models.ensemble import EnsembleSpec
 from models.errors import ModelNotFound, ModelNotReady, SpecError, VersionNotFound
 from models.pipeline import PipelineSpec
 from models.runtime import ARTEFACT, Session
@@ -72,6 +76,7 @@ class Registry:
         self.root = settings.models_dir
         self._models: dict[str, Model] = {}
         self._pipelines: dict[str, PipelineSpec] = {}
+        self._ensembles: dict[str, EnsembleSpec] = {}
         self._problems: dict[str, str] = {}
         self._scanned = -float("inf")
         self._lock = threading.Lock()
@@ -101,6 +106,19 @@ class Registry:
         self.refresh()
         return [self._pipelines[n] for n in sorted(self._pipelines)]
 
+    def ensemble(self, name: str) -> EnsembleSpec:
+        """An ensemble by name, rescanning first if the interval has passed."""
+        self.refresh()
+        found = self._ensembles.get(name)
+        if found is None:
+            raise ModelNotFound(f"no ensemble named {name!r}")
+        return found
+
+    def ensembles(self) -> list[EnsembleSpec]:
+        """Every servable ensemble, by name."""
+        self.refresh()
+        return [self._ensembles[n] for n in sorted(self._ensembles)]
+
     def models(self) -> list[Model]:
         """Every servable model, by name."""
         self.refresh()
@@ -124,11 +142,15 @@ class Registry:
         try:
             self._scanned = time.monotonic()
             models, problems = self._scan()
-            pipelines = self._scan_pipelines(models, problems)
+            pipelines = self._scan_composites(pipeline_spec.PIPELINE_FILE, pipeline_spec.load,
+                                              _check_pipeline, models, problems)
+            ensembles = self._scan_composites(ensemble_spec.ENSEMBLE_FILE, ensemble_spec.load,
+                                              ensemble_spec.check, models, problems)
             for path, message in problems.items():
                 if self._problems.get(path) != message:
                     log.error("model repository: %s", message)
-            self._models, self._pipelines, self._problems = models, pipelines, problems
+            self._models, self._pipelines, self._ensembles = models, pipelines, ensembles
+            self._problems = problems
         finally:
             self._lock.release()
 
@@ -162,17 +184,20 @@ class Registry:
                 problems[str(folder)] = f"{folder}: no version folder holds a {ARTEFACT}"
         return models, problems
 
-    def _scan_pipelines(self, models: dict[str, Model], problems: dict[str, str]) -> dict[str, PipelineSpec]:
-        found: dict[str, PipelineSpec] = {}
+    def _scan_composites(self, filename: str, load: Callable[[Path], Any],
+                         check: Callable[[Any, dict[str, ModelSpec]], None], models: dict[str, Model],
+                         problems: dict[str, str]) -> dict[str, Any]:
+        """Specs of models made of other models (pipelines, ensembles), checked against the models found."""
+        found: dict[str, Any] = {}
         try:
-            folders = sorted(p for p in self.root.iterdir() if (p / pipelines.PIPELINE_FILE).is_file())
+            folders = sorted(p for p in self.root.iterdir() if (p / filename).is_file())
         except OSError:
             return found  # already reported by the model scan
+        specs_by_name = {name: model.spec for name, model in models.items()}
         for folder in folders:
             try:
-                spec = pipelines.load(folder)
-                light, heavy = (models.get(spec.light), models.get(spec.heavy))
-                pipelines.check(spec, light and light.spec, heavy and heavy.spec)
+                spec = load(folder)
+                check(spec, specs_by_name)
             except SpecError as exc:
                 problems[exc.path] = str(exc)
                 continue
@@ -205,6 +230,10 @@ class Registry:
             return previous
         session = Session(spec, artefact, self.settings.intra_op_threads)
         return ModelVersion(spec, number, session, stamp, self.settings.max_image_pixels)
+
+
+def _check_pipeline(spec: PipelineSpec, models: dict[str, ModelSpec]) -> None:
+    pipeline_spec.check(spec, models.get(spec.light), models.get(spec.heavy))
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:

@@ -8,6 +8,7 @@ Lua scripts, so a redelivered or cancelled job can never be finished twice or re
 from __future__ import annotations
 
 import datetime
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -84,6 +85,8 @@ class Job:
     error: str | None = None
     callback_url: str | None = None
     request_id: str | None = None
+    members: dict[str, str] | None = None
+    """For an ensemble's job: each member model's own job id."""
 
 
 class JobStore:
@@ -96,14 +99,16 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
 
     def create(self, model: str, version: int, inputs: bytes, shape: str, callback_url: str | None = None,
-               request_id: str | None = None, push: Push | None = None) -> tuple[Job, bool]:
+               request_id: str | None = None, push: Push | None = None,
+               members: dict[str, str] | None = None) -> tuple[Job, bool]:
         """Record a new queued job and its inputs, and push it onto its batch lane if given, in one
         atomic round trip; answer the job and whether the push armed the lane (so a batcher must go)."""
         job = Job(str(uuid.uuid4()), model, version, JobStatus.QUEUED, time.time(), shape,
-                  callback_url=callback_url, request_id=request_id)
+                  callback_url=callback_url, request_id=request_id, members=members)
         fields = ["model", model, "version", version, "status", job.status.value,
                   "created_at", repr(job.created_at), "shape", shape]
-        for name, value in (("callback_url", callback_url), ("request_id", request_id)):
+        encoded = json.dumps(members) if members else None
+        for name, value in (("callback_url", callback_url), ("request_id", request_id), ("members", encoded)):
             if value:
                 fields += [name, value]
         keys = [_key(job.id), _key(job.id, "inputs"), _key(job.id, "issued")]
@@ -123,6 +128,7 @@ class JobStore:
             job_id, text["model"], int(text["version"]), JobStatus(text["status"]), float(text["created_at"]),
             text["shape"], _float(text.get("started_at")), _float(text.get("finished_at")), text.get("error"),
             text.get("callback_url"), text.get("request_id"),
+            json.loads(text["members"]) if "members" in text else None,
         )
 
     def public(self, job: Job) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import redis
 from flask.testing import FlaskClient
 from sklearn.datasets import load_digits, load_iris
 
+from models.config import PACKAGE_DIR
 from models.tensor import pack
 from samples import Receiver, callback_receiver, digit_png
 from tasks import TaskSettings, create_celery
@@ -194,3 +196,40 @@ def test_sync_async_pipeline_heavy_job_runs_on_the_worker(client: FlaskClient):
     assert body["light"]["result"] == client.post("/v1/models/digits-light:predict", json=rows).get_json()
     job = wait_for(client, body["heavy"]["status_url"])
     assert job["result"] == client.post("/v1/models/digits-heavy:predict", json=rows).get_json()
+
+
+def ensemble_repo(root: Path, member_timeout_ms: int, timeout_ms: int) -> Path:
+    """A repository holding the one-vs-rest iris members and an ensemble of them with these timeouts."""
+    for name in ("iris-setosa", "iris-versicolor", "iris-virginica"):
+        shutil.copytree(PACKAGE_DIR / name, root / name)
+    (root / "ovr").mkdir()
+    (root / "ovr" / "ensemble.toml").write_text(
+        'members = ["iris-setosa", "iris-versicolor", "iris-virginica"]\naggregate = "best"\n'
+        f"member_timeout_ms = {member_timeout_ms}\ntimeout_ms = {timeout_ms}\n"
+    )
+    return root
+
+
+def test_ensemble_members_run_on_their_own_queues_and_a_stopped_one_times_out(tmp_path: Path):
+    url = os.environ.get("TEST_KILL_REDIS_URL", "redis://127.0.0.1:6379/11")
+    redis.Redis.from_url(url).flushdb()
+    queues = "model.iris-setosa,model.iris-versicolor"  # no worker serves iris-virginica's queue
+    with celery_worker(url, queues, tmp_path / "members.log", 1):
+        repo = ensemble_repo(tmp_path / "repo", member_timeout_ms=1500, timeout_ms=5000)
+        client = create_app({"TESTING": True, "redis_url": url, "models_dir": repo}).test_client()
+        answer = client.post("/v1/ensembles/ovr:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
+        assert answer.status_code == 200, answer.get_data(as_text=True)
+        body = answer.get_json()
+        assert body["timed_out"] == ["iris-virginica"] and body["failed"] == []
+        assert body["members"]["iris-setosa"]["status"] == "succeeded"
+        assert body["predictions"][0]["label"] == "setosa"
+
+        slow = ensemble_repo(tmp_path / "slow", member_timeout_ms=1500, timeout_ms=200)
+        client = create_app({"TESTING": True, "redis_url": url, "models_dir": slow}).test_client()
+        accepted = client.post("/v1/ensembles/ovr:predict", json={"instances": [[6.3, 3.3, 6.0, 2.5]]})
+        assert accepted.status_code == 202
+        status_url = accepted.get_json()["status_url"]
+        assert client.get(status_url).get_json()["status"] == "running"
+        job = wait_for(client, status_url, timeout_s=10)
+        assert job["status"] == "succeeded" and job["result"]["timed_out"] == ["iris-virginica"]
+        assert job["result"]["predictions"][0]["member"] in ("iris-setosa", "iris-versicolor")

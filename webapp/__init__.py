@@ -14,7 +14,7 @@ from models import Registry, Settings
 from tasks import TaskSettings, create_celery
 from tasks.batches import BatchQueue
 from tasks.jobs import JobStore
-from webapp import catalog, errors, jobs, pipelines, tfserving, v2
+from webapp import catalog, ensembles, errors, jobs, pipelines, tfserving, v2
 from webapp.config import WebSettings
 from webapp.dataplane import DataPlane
 
@@ -42,7 +42,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         logging.getLogger(name).setLevel(web_settings.log_level)
     errors.register(app)
     app.url_map.converters["model"] = tfserving.ModelName
-    for blueprint in (catalog.bp, tfserving.bp, v2.bp, jobs.bp, pipelines.bp):
+    for blueprint in (catalog.bp, tfserving.bp, v2.bp, jobs.bp, pipelines.bp, ensembles.bp):
         app.register_blueprint(blueprint)
     app.wsgi_app = DataPlane(registry, app.wsgi_app, web_settings.max_request_bytes)  # type: ignore[method-assign]
     return app

@@ -20,12 +20,17 @@ PATTERNS = ("serving-template", "web-single", "synchronous", "asynchronous")
 def index() -> Response:
     """Every servable model with its versions, signature and the patterns it supports."""
     reg = registry()
-    pipelines = reg.pipelines()
-    in_pipelines = {name for p in pipelines for name in (p.light, p.heavy)}
+    pipelines, ensembles = reg.pipelines(), reg.ensembles()
+    roles = {name: ["sync-async"] for p in pipelines for name in (p.light, p.heavy)}
+    for e in ensembles:
+        for name in e.members:
+            roles.setdefault(name, []).append("horizontal-microservice")
     return json_response({
-        "models": [_entry(m, m.spec.name in in_pipelines) for m in reg.models()],
+        "models": [_entry(m, roles.get(m.spec.name, [])) for m in reg.models()],
         "pipelines": [{"name": p.name, "description": p.description, "light": p.light, "heavy": p.heavy}
                       for p in pipelines],
+        "ensembles": [{"name": e.name, "description": e.description, "members": list(e.members),
+                       "aggregate": e.aggregate} for e in ensembles],
         "problems": sorted(reg.problems.values()),
     })
 
@@ -36,7 +41,7 @@ def openapi_document() -> Response:
     return json_response(openapi.document())
 
 
-def _entry(model: Model, in_pipeline: bool) -> dict:
+def _entry(model: Model, roles: list[str]) -> dict:
     spec = model.spec
     return {
         "name": spec.name,
@@ -46,8 +51,7 @@ def _entry(model: Model, in_pipeline: bool) -> dict:
         "inputs": [_tensor(t) for t in spec.inputs],
         "outputs": [_tensor(t) for t in spec.outputs],
         "labels": list(spec.labels),
-        "patterns": list(PATTERNS) + (["prep-pred"] if spec.takes_images else [])
-        + (["sync-async"] if in_pipeline else []),
+        "patterns": [*PATTERNS, *(["prep-pred"] if spec.takes_images else []), *roles],
     }
 
 

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import logging
-import urllib.parse
-import uuid
 
 import numpy as np
 from flask import Blueprint, Response, current_app, request, url_for
 
 import models
 from tasks import submission
-from tasks.jobs import JobStore
-from webapp import tfserving_codec, wire
+from webapp import ensembles, tfserving_codec, wire
 from webapp.errors import BadRequest, Conflict
-from webapp.repository import registry
+from webapp.repository import registry, store
 from webapp.responses import json_response
 
 bp = Blueprint("jobs", __name__)
@@ -33,9 +30,9 @@ def submit(name: str, version: int | None = None) -> Response:
         callback = body.pop("callback_url", None)
         inputs, rows = tfserving_codec.parse(body, found)
     models.prepare(found, inputs, images=False)
-    rid, extensions = request_id(), current_app.extensions
+    rid, extensions = wire.request_id(request), current_app.extensions
     job = submission.submit(extensions["celery"], store(), extensions["batches"], found, inputs,
-                            "rows" if rows else "columns", checked_callback(callback), rid)
+                            "rows" if rows else "columns", wire.callback_url(callback), rid)
     log.info("request %s: job %s queued for %s version %d", rid, job.id, found.name, found.number)
     location = url_for("jobs.status", job_id=job.id)
     headers = {"Location": location, "X-Request-ID": rid}
@@ -46,7 +43,10 @@ def submit(name: str, version: int | None = None) -> Response:
 def status(job_id: str) -> Response:
     """A job's state, timestamps, and its result or error."""
     jobs = store()
-    return json_response(jobs.public(jobs.get(job_id)))
+    job = jobs.get(job_id)
+    if job.members:
+        return json_response(ensembles.public(job))
+    return json_response(jobs.public(job))
 
 
 @bp.delete("/v1/jobs/<job_id>")
@@ -70,29 +70,3 @@ def _uploads(found: models.ModelVersion) -> dict[str, np.ndarray]:
     array = np.empty(len(files), dtype=object)
     array[:] = files
     return {images[0].name: array}
-
-
-def checked_callback(url: object) -> str | None:
-    """A callback URL: absolute http or https, of a sane length."""
-    if url is None:
-        return None
-    try:
-        parts = urllib.parse.urlsplit(url) if isinstance(url, str) and len(url) <= 2048 else None
-    except ValueError:  # e.g. an unclosed IPv6 bracket
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise BadRequest("callback_url must be an absolute http:// or https:// URL")
-    return url
-
-
-def request_id() -> str:
-    """The client's X-Request-ID when it is short and printable, else a new one."""
-    given = request.headers.get("X-Request-ID", "")
-    if given and len(given) <= 128 and given.isprintable() and given.isascii():
-        return given
-    return uuid.uuid4().hex
-
-
-def store() -> JobStore:
-    """The job store `create_app` attached to the current app."""
-    return current_app.extensions["jobs"]

@@ -79,6 +79,10 @@ def document() -> dict[str, Any]:
                      _schema("PipelineAnswer"))
     pipeline["post"]["responses"]["202"] = _json(_schema("PipelineAnswer"), "the job only: the light model failed")
     paths["/v1/pipelines/{name}:predict"] = {"post": {**pipeline["post"], "parameters": [NAME]}}
+    fan_out = _post("Horizontal microservice: members in parallel, their aggregate", _schema("TFPredict"),
+                    _schema("EnsembleAnswer"))
+    fan_out["post"]["responses"]["202"] = _json(_schema("JobAccepted"), "past the overall timeout: a job to poll")
+    paths["/v1/ensembles/{name}:predict"] = {"post": {**fan_out["post"], "parameters": [NAME]}}
     job = _get("A job's state and result", _schema("Job"), 404, 410)
     job["delete"] = {"summary": "Cancel a queued job",
                      "responses": {"200": _json(_schema("Job"), "OK"), **_errors(404, 409, 410)}}
@@ -186,5 +190,17 @@ SCHEMAS["PipelineAnswer"] = {
         "pipeline": {"type": "string"},
         "light": {"type": "object", "description": "model, version and result, or model and error"},
         "heavy": {"type": "object", "description": "model, version, job_id and status_url, or model and error"},
+    },
+}
+SCHEMAS["EnsembleAnswer"] = {
+    "type": "object",
+    "required": ["ensemble", "aggregate", "predictions", "members", "failed", "timed_out"],
+    "properties": {
+        "ensemble": {"type": "string"},
+        "aggregate": {"enum": ["best", "mean", "vote"]},
+        "predictions": {"type": "array", "items": {"type": "object"}},
+        "members": {"type": "object", "description": "each member's status and result or error"},
+        "failed": {"type": "array", "items": {"type": "string"}},
+        "timed_out": {"type": "array", "items": {"type": "string"}},
     },
 }

@@ -12,8 +12,7 @@ import models
 from models import answer
 from tasks import submission
 from webapp import tfserving_codec, wire
-from webapp.jobs import checked_callback, request_id, store
-from webapp.repository import registry
+from webapp.repository import registry, store
 from webapp.responses import json_response
 
 bp = Blueprint("pipelines", __name__)
@@ -29,7 +28,7 @@ def predict(name: str) -> Response:
     pipeline = registry().pipeline(name)
     heavy = registry().get(pipeline.heavy)
     body = wire.json_object(wire.read(request))
-    callback = checked_callback(body.pop("callback_url", None))
+    callback = wire.callback_url(body.pop("callback_url", None))
     inputs, rows = tfserving_codec.parse(body, heavy)
     models.prepare(heavy, inputs, images=False)
     job = _queue(heavy, inputs, rows, callback)
@@ -44,7 +43,7 @@ def _queue(heavy: models.ModelVersion, inputs: dict, rows: bool, callback: str |
     extensions = current_app.extensions
     try:
         job = submission.submit(extensions["celery"], store(), extensions["batches"], heavy, inputs,
-                                "rows" if rows else "columns", callback, request_id())
+                                "rows" if rows else "columns", callback, wire.request_id(request))
     except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
         return part | {"error": f"the job queue is unavailable ({type(exc).__name__}); retry shortly"}
     return part | {"job_id": job.id, "status_url": url_for("jobs.status", job_id=job.id)}

@@ -1,8 +1,10 @@
-"""Request bodies: content type, encoding, size limit and JSON parsing."""
+"""Requests: body content type, encoding, size limit and JSON parsing; request ids; callback URLs."""
 
 from __future__ import annotations
 
 import json
+import urllib.parse
+import uuid
 import zlib
 from typing import Any
 
@@ -71,3 +73,24 @@ def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
     if not inflater.eof:
         raise BadRequest("compressed body is truncated")
     return out
+
+
+def callback_url(url: object) -> str | None:
+    """A callback URL: absolute http or https, of a sane length."""
+    if url is None:
+        return None
+    try:
+        parts = urllib.parse.urlsplit(url) if isinstance(url, str) and len(url) <= 2048 else None
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise BadRequest("callback_url must be an absolute http:// or https:// URL")
+    return url
+
+
+def request_id(request: Request) -> str:
+    """The client's X-Request-ID when it is short and printable, else a new one."""
+    given = request.headers.get("X-Request-ID", "")
+    if given and len(given) <= 128 and given.isprintable() and given.isascii():
+        return given
+    return uuid.uuid4().hex
