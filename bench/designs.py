@@ -2,7 +2,7 @@
 
 Ours is the platform's job pipeline: a real Celery worker process (`-c 2`, every queue) with batching on or
 off, and jobs queued the way `POST :submit` queues them, minus HTTP (`OursClient.submit`: the registry
-lookup, the same input check, `JobStore.create`, then `tasks.batches.dispatch`), or through the whole Flask
+lookup, the same input check, `JobStore.create`, then `tasks.lanes.dispatch`), or through the whole Flask
 view with its test client (`OursClient.submit_web`). The reference is bench/brpop_reference.py.
 A job has ended when its record says `succeeded` (ours) or its result key exists (the reference).
 """

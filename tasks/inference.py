@@ -20,8 +20,8 @@ from celery.signals import task_failure
 
 import models
 from models.tensor import pack, unpack
-from tasks.batches import BatchQueue, Lane, dispatch, fill, split
 from tasks.jobs import Job
+from tasks.lanes import BatchQueue, Lane, dispatch, fill, split
 from tasks.resources import batches, jobs, registry
 
 log = logging.getLogger(__name__)

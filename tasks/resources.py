@@ -8,9 +8,9 @@ import redis
 from celery.signals import worker_process_init
 
 from models import Registry, Settings
-from tasks.batches import BatchQueue
 from tasks.config import TaskSettings
 from tasks.jobs import JobStore
+from tasks.lanes import BatchQueue
 
 _registry: Registry | None = None
 _jobs: JobStore | None = None

@@ -7,8 +7,8 @@ from celery import Celery
 
 import models
 from models.tensor import pack
-from tasks.batches import BatchQueue, Lane, send
 from tasks.jobs import Job, JobStore
+from tasks.lanes import BatchQueue, Lane, send
 
 
 def submit(app: Celery, store: JobStore, queue: BatchQueue | None, version: models.ModelVersion,

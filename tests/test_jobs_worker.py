@@ -22,7 +22,7 @@ from models.config import PACKAGE_DIR
 from models.tensor import pack
 from samples import Receiver, callback_receiver, digit_png
 from tasks import TaskSettings, create_celery
-from tasks.batches import BatchQueue, Lane
+from tasks.lanes import BatchQueue, Lane
 from webapp import create_app
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,8 +12,8 @@ from flask import Flask
 
 from models import Registry, Settings
 from tasks import TaskSettings, create_celery
-from tasks.batches import BatchQueue
 from tasks.jobs import JobStore
+from tasks.lanes import BatchQueue
 from webapp import catalog, ensembles, errors, jobs, pipelines, tfserving, v2
 from webapp.config import WebSettings
 from webapp.dataplane import DataPlane

@@ -17,8 +17,8 @@ from typing import NamedTuple
 import orjson
 
 import models
-from models import Registry, answer
-from webapp import tfserving_codec, v2_codec, wire
+from models import Registry, answer, instances
+from webapp import v2_codec, wire
 from webapp.errors import BadRequest, PayloadTooLarge, RequestError, status_of
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class DataPlane:
     def predict(self, found: models.ModelVersion, call: Call) -> Reply:
         """TensorFlow Serving REST: row or columnar JSON in, predictions or outputs out."""
         data = self._body(call, binary_ok=False)
-        inputs, rows = tfserving_codec.parse(wire.json_object(data), found)
+        inputs, rows = instances.parse(wire.json_object(data), found)
         outputs = models.predict(found, inputs)
         wanted = found.spec.output_names
         shaped = (answer.rows if rows else answer.columns)(outputs, wanted)

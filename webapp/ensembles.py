@@ -7,10 +7,11 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request, url_for
 
 import models
+from models import instances
 from models.ensemble import EnsembleSpec
 from tasks import ensembles
 from tasks.jobs import Job
-from webapp import tfserving_codec, wire
+from webapp import wire
 from webapp.repository import registry, store
 from webapp.responses import json_response
 
@@ -24,7 +25,7 @@ def predict(name: str) -> Response:
     spec = registry().ensemble(name)
     versions = {member: registry().get(member) for member in spec.members}
     first = versions[spec.members[0]]
-    inputs, rows = tfserving_codec.parse(wire.json_object(wire.read(request)), first)
+    inputs, rows = instances.parse(wire.json_object(wire.read(request)), first)
     models.prepare(first, inputs, images=False)
     job = ensembles.fan_out(current_app.extensions["celery"], store(), spec, versions, inputs,
                             "rows" if rows else "columns", wire.request_id(request))

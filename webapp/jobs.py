@@ -8,8 +8,9 @@ import numpy as np
 from flask import Blueprint, Response, current_app, request, url_for
 
 import models
+from models import instances
 from tasks import submission
-from webapp import ensembles, tfserving_codec, wire
+from webapp import ensembles, wire
 from webapp.errors import BadRequest, Conflict
 from webapp.repository import registry, store
 from webapp.responses import json_response
@@ -28,7 +29,7 @@ def submit(name: str, version: int | None = None) -> Response:
     else:
         body = wire.json_object(wire.read(request))
         callback = body.pop("callback_url", None)
-        inputs, rows = tfserving_codec.parse(body, found)
+        inputs, rows = instances.parse(body, found)
     models.prepare(found, inputs, images=False)
     rid, extensions = wire.request_id(request), current_app.extensions
     job = submission.submit(extensions["celery"], store(), extensions["batches"], found, inputs,

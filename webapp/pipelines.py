@@ -9,9 +9,9 @@ import redis
 from flask import Blueprint, Response, current_app, request, url_for
 
 import models
-from models import answer
+from models import answer, instances
 from tasks import submission
-from webapp import tfserving_codec, wire
+from webapp import wire
 from webapp.repository import registry, store
 from webapp.responses import json_response
 
@@ -29,7 +29,7 @@ def predict(name: str) -> Response:
     heavy = registry().get(pipeline.heavy)
     body = wire.json_object(wire.read(request))
     callback = wire.callback_url(body.pop("callback_url", None))
-    inputs, rows = tfserving_codec.parse(body, heavy)
+    inputs, rows = instances.parse(body, heavy)
     models.prepare(heavy, inputs, images=False)
     job = _queue(heavy, inputs, rows, callback)
     light = _light(pipeline.light, inputs, rows)

@@ -1,4 +1,7 @@
-"""TensorFlow Serving REST bodies: row (`instances`) and columnar (`inputs`) requests and their answers."""
+"""TensorFlow Serving REST request bodies, row (`instances`) and columnar (`inputs`), as named input arrays.
+
+The web process parses `:predict` and `:submit` bodies with it, and batch workers the stored instances.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from models import ModelVersion
 from models.dtype import BYTES
+from models.errors import InvalidInput
+from models.registry import ModelVersion
 from models.tensor import TensorSpec, from_values
-from webapp.errors import BadRequest
 
 SIGNATURES = ("", "serving_default")
 FIELDS = frozenset({"signature_name", "instances", "inputs"})
@@ -21,12 +24,12 @@ def parse(body: dict[str, Any], version: ModelVersion) -> tuple[dict[str, np.nda
     """The request's input arrays, and whether it used the row format."""
     unknown = () if body.keys() <= FIELDS else set(body) - FIELDS
     if unknown:
-        raise BadRequest(f"unknown field {sorted(unknown)[0]!r}; a predict request has 'instances' or 'inputs'")
+        raise InvalidInput(f"unknown field {sorted(unknown)[0]!r}; a predict request has 'instances' or 'inputs'")
     signature = body.get("signature_name", "")
     if signature not in SIGNATURES:
-        raise BadRequest(f"unknown signature_name {signature!r}; this model has 'serving_default'")
+        raise InvalidInput(f"unknown signature_name {signature!r}; this model has 'serving_default'")
     if ("instances" in body) == ("inputs" in body):
-        raise BadRequest("a predict request has exactly one of 'instances' (row format) or 'inputs' (columnar)")
+        raise InvalidInput("a predict request has exactly one of 'instances' (row format) or 'inputs' (columnar)")
     if "instances" in body:
         return _rows(body["instances"], version.spec.inputs), True
     return _columns(body["inputs"], version.spec.inputs), False
@@ -34,20 +37,20 @@ def parse(body: dict[str, Any], version: ModelVersion) -> tuple[dict[str, np.nda
 
 def _rows(instances: object, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
     if not isinstance(instances, list) or not instances:
-        raise BadRequest("'instances' must be a non-empty list")
+        raise InvalidInput("'instances' must be a non-empty list")
     names = [t.name for t in specs]
     if len(specs) == 1 and not _named(instances[0], names):
         return {specs[0].name: _array(instances, specs[0], "instances")}
     columns: dict[str, list] = {name: [] for name in names}
     for i, row in enumerate(instances):
         if not isinstance(row, dict):
-            raise BadRequest(f"instances[{i}]: with several inputs each instance is an object of {names}")
+            raise InvalidInput(f"instances[{i}]: with several inputs each instance is an object of {names}")
         unknown = set(row) - set(names)
         if unknown:
-            raise BadRequest(f"instances[{i}]: unknown input {sorted(unknown)[0]!r}; inputs are {names}")
+            raise InvalidInput(f"instances[{i}]: unknown input {sorted(unknown)[0]!r}; inputs are {names}")
         for name in names:
             if name not in row:
-                raise BadRequest(f"instances[{i}]: missing input {name!r}")
+                raise InvalidInput(f"instances[{i}]: missing input {name!r}")
             columns[name].append(row[name])
     return {t.name: _array(columns[t.name], t, f"instances ({t.name!r})") for t in specs}
 
@@ -61,12 +64,12 @@ def _columns(inputs: object, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndar
     names = [t.name for t in specs]
     if not isinstance(inputs, dict) or (len(specs) == 1 and not _named(inputs, names)):
         if len(specs) != 1:
-            raise BadRequest(f"'inputs' must be an object of {names}")
+            raise InvalidInput(f"'inputs' must be an object of {names}")
         return {specs[0].name: _array(inputs, specs[0], "inputs")}
     by_name = {t.name: t for t in specs}
     unknown = set(inputs) - set(names)
     if unknown:
-        raise BadRequest(f"inputs: unknown input {sorted(unknown)[0]!r}; inputs are {names}")
+        raise InvalidInput(f"inputs: unknown input {sorted(unknown)[0]!r}; inputs are {names}")
     return {name: _array(value, by_name[name], f"inputs[{name!r}]") for name, value in inputs.items()}
 
 
@@ -83,11 +86,11 @@ def _array(values: object, spec: TensorSpec, where: str) -> np.ndarray:
 def _decode_b64(value: object, where: str, depth: int) -> tuple[object, bool]:
     if isinstance(value, dict):
         if set(value) != {"b64"} or not isinstance(value["b64"], str):
-            raise BadRequest(f"{where}: an object value must be {{\"b64\": \"<base64 string>\"}}")
+            raise InvalidInput(f"{where}: an object value must be {{\"b64\": \"<base64 string>\"}}")
         try:
             return base64.b64decode(value["b64"], validate=True), True
         except (binascii.Error, ValueError):
-            raise BadRequest(f"{where}: 'b64' is not valid base64") from None
+            raise InvalidInput(f"{where}: 'b64' is not valid base64") from None
     if isinstance(value, list) and depth < 32:
         items = [_decode_b64(v, where, depth + 1) for v in value]
         return [v for v, _ in items], any(found for _, found in items)

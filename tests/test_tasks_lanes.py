@@ -13,8 +13,8 @@ import redis
 from models import Registry, Settings
 from models.tensor import pack, unpack
 from tasks import inference
-from tasks.batches import BatchQueue, Lane, split
 from tasks.jobs import MAX_ATTEMPTS, JobStore
+from tasks.lanes import BatchQueue, Lane, split
 from tasks.status import JobStatus
 
 LANE = Lane("iris", 1)
