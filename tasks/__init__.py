@@ -1,7 +1,7 @@
 """Celery tasks and their app: queued prediction over the shared `models` service layer."""
 
-from tasks import callbacks, inference
+from tasks import batch, callbacks, inference
 from tasks.app import QUEUES, create_celery
 from tasks.config import TaskSettings
 
-__all__ = ["QUEUES", "TaskSettings", "callbacks", "create_celery", "inference"]
+__all__ = ["QUEUES", "TaskSettings", "batch", "callbacks", "create_celery", "inference"]

@@ -7,15 +7,16 @@ from typing import Any
 
 from celery import Celery
 
+from tasks import schedule
 from tasks.config import TaskSettings
 
-QUEUES = ("prep", "predict", "callbacks")
+QUEUES = ("prep", "predict", "callbacks", "batch")
 
 
 def create_celery(settings: TaskSettings | None = None, overrides: Mapping[str, Any] | None = None) -> Celery:
     """A configured Celery app; `overrides` sets Celery options directly (tests use eager mode)."""
     settings = settings or TaskSettings.from_env()
-    app = Celery("platform", include=["tasks.inference", "tasks.callbacks"])
+    app = Celery("platform", include=["tasks.inference", "tasks.callbacks", "tasks.batch"])
     app.config_from_object(celery_config(settings))
     app.conf.update(overrides or {})
     return app
@@ -52,7 +53,11 @@ def celery_config(settings: TaskSettings) -> dict[str, Any]:
         "task_send_sent_event": True,
         "task_default_queue": "predict",
         "worker_proc_alive_timeout": 30,
+        "task_routes": {"batch_*": {"queue": "batch"}},
         "beat_schedule": {
             "reclaim-batches": {"task": "reclaim_batches", "schedule": 15.0, "options": {"queue": "predict"}},
+            "batch-reconcile": {"task": "batch_reconcile", "schedule": settings.batch_reconcile_s,
+                                "options": {"queue": "batch"}},
+            **{f"batch-run-{e.model}": e.beat for e in schedule.parse(settings.batch_schedule)},
         },
     }

@@ -27,6 +27,18 @@ class TaskSettings:
     """BATCHING: coalesce queued jobs of one model version into one runtime call (`on` or `off`)."""
     batch_lease_s: float = 60.0
     """BATCH_LEASE_S: a batch's jobs not finished this long after they were taken are put back in line."""
+    batch_chunk_rows: int = 1000
+    """BATCH_CHUNK_ROWS: items one batch-run task claims and predicts in one runtime call."""
+    batch_max_items: int = 10_000
+    """BATCH_MAX_ITEMS: most items one `POST /v1/batch/items` may register."""
+    batch_max_attempts: int = 3
+    """BATCH_MAX_ATTEMPTS: tries an item gets, over runs, before its failure is final."""
+    batch_item_lease_s: float = 300.0
+    """BATCH_ITEM_LEASE_S: a claimed item not written back this long after is put back in line."""
+    batch_reconcile_s: float = 30.0
+    """BATCH_RECONCILE_S: how often beat's reconciler looks for lost items and stalled runs."""
+    batch_schedule: str = ""
+    """BATCH_SCHEDULE: scheduled runs, `model=<crontab or seconds>` separated by `;`."""
     flower_user: str = "admin"
     """FLOWER_USER: Flower's basic-auth user."""
     flower_password: str = "admin"
@@ -44,6 +56,12 @@ class TaskSettings:
             task_time_limit_s=int(env.get("TASK_TIME_LIMIT_S", cls.task_time_limit_s)),
             batching=env.get("BATCHING", "on").lower() not in ("off", "0", "false", "no"),
             batch_lease_s=float(env.get("BATCH_LEASE_S", cls.batch_lease_s)),
+            batch_chunk_rows=int(env.get("BATCH_CHUNK_ROWS", cls.batch_chunk_rows)),
+            batch_max_items=int(env.get("BATCH_MAX_ITEMS", cls.batch_max_items)),
+            batch_max_attempts=int(env.get("BATCH_MAX_ATTEMPTS", cls.batch_max_attempts)),
+            batch_item_lease_s=float(env.get("BATCH_ITEM_LEASE_S", cls.batch_item_lease_s)),
+            batch_reconcile_s=float(env.get("BATCH_RECONCILE_S", cls.batch_reconcile_s)),
+            batch_schedule=env.get("BATCH_SCHEDULE", cls.batch_schedule),
             flower_user=env.get("FLOWER_USER", cls.flower_user),
             flower_password=env.get("FLOWER_PASSWORD", cls.flower_password),
         )

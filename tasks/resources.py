@@ -1,20 +1,25 @@
-"""What a worker process holds: its model registry and its job store, each made once, after fork."""
+"""What a worker process holds: its model registry, its job store and its SQL stores, each made once, after fork."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import redis
+import sqlalchemy as sa
 from celery.signals import worker_process_init
 
 from models import Registry, Settings
+from tasks import db
 from tasks.config import TaskSettings
+from tasks.items import ItemStore
 from tasks.jobs import JobStore
 from tasks.lanes import BatchQueue
+from tasks.runs import RunStore
 
 _registry: Registry | None = None
 _jobs: JobStore | None = None
 _batches: BatchQueue | None = None
+_engine: sa.Engine | None = None
 
 
 def registry() -> Registry:
@@ -42,6 +47,25 @@ def batches() -> BatchQueue | None:
     if _batches is None and settings.batching:
         _batches = BatchQueue(jobs().client, settings.batch_lease_s)
     return _batches
+
+
+def engine() -> sa.Engine:
+    """This worker process's engine on DATABASE_URL, made on first use."""
+    global _engine
+    if _engine is None:
+        _engine = db.create_engine(TaskSettings.from_env().database_url)
+    return _engine
+
+
+def items() -> ItemStore:
+    """This worker process's store of batch items."""
+    settings = TaskSettings.from_env()
+    return ItemStore(engine(), settings.batch_item_lease_s, settings.batch_max_attempts)
+
+
+def runs() -> RunStore:
+    """This worker process's store of batch runs."""
+    return RunStore(engine(), TaskSettings.from_env().batch_max_attempts)
 
 
 @worker_process_init.connect

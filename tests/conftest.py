@@ -36,6 +36,33 @@ def redis_url() -> Iterator[str]:
         os.environ["REDIS_URL"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def database_url() -> Iterator[str]:
+    """The test MariaDB, its schema made afresh by the migrations; also where workers keep batch items."""
+    previous = os.environ.get("DATABASE_URL")
+    os.environ["DATABASE_URL"] = DATABASE_URL
+    reset_schema(DATABASE_URL)
+    yield DATABASE_URL
+    if previous is None:
+        del os.environ["DATABASE_URL"]
+    else:
+        os.environ["DATABASE_URL"] = previous
+
+
+def reset_schema(url: str) -> None:
+    """Drop the platform's tables at `url` and build them again with the migrations."""
+    import sqlalchemy
+
+    from tasks import db
+
+    engine = db.create_engine(url)
+    db.metadata.drop_all(engine)
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text("DROP TABLE IF EXISTS alembic_version"))
+    engine.dispose()
+    db.upgrade(url)
+
+
 @pytest.fixture
 def app() -> Flask:
     """The app over the committed model repository."""

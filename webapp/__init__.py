@@ -11,10 +11,12 @@ import redis
 from flask import Flask
 
 from models import Registry, Settings
-from tasks import TaskSettings, create_celery
+from tasks import TaskSettings, create_celery, db
+from tasks.items import ItemStore
 from tasks.jobs import JobStore
 from tasks.lanes import BatchQueue
-from webapp import catalog, ensembles, errors, jobs, pipelines, tfserving, v2
+from tasks.runs import RunStore
+from webapp import batch, catalog, ensembles, errors, jobs, pipelines, tfserving, v2
 from webapp.config import WebSettings
 from webapp.dataplane import DataPlane
 
@@ -36,13 +38,17 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     client = redis.Redis.from_url(task_settings.redis_url, socket_timeout=2, socket_connect_timeout=1)
     app.extensions["jobs"] = JobStore(client, task_settings.result_expires_s, task_settings.job_id_retention_s)
     app.extensions["batches"] = BatchQueue(client, task_settings.batch_lease_s) if task_settings.batching else None
+    engine = db.create_engine(task_settings.database_url)  # connects on first use, in the serving process
+    app.extensions["items"] = ItemStore(engine, task_settings.batch_item_lease_s, task_settings.batch_max_attempts)
+    app.extensions["runs"] = RunStore(engine, task_settings.batch_max_attempts)
+    app.config["BATCH_MAX_ITEMS"] = task_settings.batch_max_items
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
     for name in ("models", "webapp"):
         logging.getLogger(name).setLevel(web_settings.log_level)
     errors.register(app)
     app.url_map.converters["model"] = tfserving.ModelName
-    for blueprint in (catalog.bp, tfserving.bp, v2.bp, jobs.bp, pipelines.bp, ensembles.bp):
+    for blueprint in (catalog.bp, tfserving.bp, v2.bp, jobs.bp, pipelines.bp, ensembles.bp, batch.bp):
         app.register_blueprint(blueprint)
     app.wsgi_app = DataPlane(registry, app.wsgi_app, web_settings.max_request_bytes)  # type: ignore[method-assign]
     return app

@@ -6,11 +6,14 @@ import logging
 
 import kombu.exceptions
 import redis
+import sqlalchemy as sa
 from flask import Flask, Response, current_app
 from werkzeug.exceptions import HTTPException
 
 import models
+from tasks.items import ItemNotFound
 from tasks.jobs import JobExpired, JobNotFound
+from tasks.runs import RunNotFound
 from webapp.responses import json_response
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,8 @@ class UnsupportedMediaType(RequestError):
 STATUS: dict[type[Exception], int] = {
     JobNotFound: 404,
     JobExpired: 410,
+    ItemNotFound: 404,
+    RunNotFound: 404,
     models.ModelNotFound: 404,
     models.VersionNotFound: 404,
     models.InvalidInput: 400,
@@ -69,6 +74,9 @@ def register(app: Flask) -> None:
     app.register_error_handler(models.ModelError, _known)
     app.register_error_handler(JobNotFound, _known)
     app.register_error_handler(JobExpired, _known)
+    app.register_error_handler(ItemNotFound, _known)
+    app.register_error_handler(RunNotFound, _known)
+    app.register_error_handler(sa.exc.DBAPIError, _store_down)
     app.register_error_handler(redis.RedisError, _queue_down)
     app.register_error_handler(kombu.exceptions.OperationalError, _queue_down)
     app.register_error_handler(HTTPException, _http)
@@ -82,6 +90,13 @@ def _known(exc: Exception) -> Response:
 def _queue_down(exc: Exception) -> Response:
     log.warning("queue unavailable: %s", exc)
     body = {"error": "the job queue is unavailable; retry shortly (synchronous :predict keeps working)"}
+    return json_response(body, 503, {"Retry-After": "5"})
+
+
+def _store_down(exc: Exception) -> Response:
+    log.warning("batch store unavailable: %s", exc)
+    body = {"error": "the batch store is unavailable; retry shortly (is the database up and migrated, "
+                     "`python -m tasks.db upgrade`?)"}
     return json_response(body, 503, {"Retry-After": "5"})
 
 

@@ -1,0 +1,170 @@
+"""Batch items in the SQL store: registered in bulk, claimed a chunk at a time, written back in bulk.
+
+An item is `queued` until a run's chunk task claims it: `running`, with the chunk's claim token and a
+lease. The chunk writes every outcome in one statement per kind, only to rows that still carry its token,
+and counts them into its run in the same transaction. An item that failed is `failed` with its reason;
+while it has attempts left, the next run of its model tries it again (the partial retry). Rows whose
+lease ran out (their worker was lost) go back to `queued`, or to `failed` once out of attempts.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+
+from tasks.db import MYSQL, iso, items, now, runs
+from tasks.status import JobStatus
+
+QUEUED, RUNNING = JobStatus.QUEUED.value, JobStatus.RUNNING.value
+SUCCEEDED, FAILED = JobStatus.SUCCEEDED.value, JobStatus.FAILED.value
+SHOWN = ("id", "model", "version", "status", "prediction", "error", "attempts", "run_id",
+         "created_at", "started_at", "finished_at")
+
+
+class ItemNotFound(LookupError):
+    """No batch item has that id."""
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An item a chunk task holds: what it needs to predict it."""
+
+    id: int
+    version: int
+    input: str
+    attempts: int
+
+
+class ItemStore:
+    """Batch items on one engine."""
+
+    def __init__(self, engine: sa.Engine, lease_s: float, max_attempts: int):
+        self.engine, self.lease, self.max_attempts = engine, datetime.timedelta(seconds=lease_s), max_attempts
+        self.mysql = engine.dialect.name in MYSQL
+        self._mark = "?" if engine.dialect.paramstyle == "qmark" else "%s"
+
+    def register(self, model: str, version: int, inputs: list[str]) -> list[int]:
+        """Store queued items, one per input (JSON of one instance); answer their ids in order."""
+        created = now()
+        rows = [{"model": model, "version": version, "input": text, "status": QUEUED, "created_at": created}
+                for text in inputs]
+        with self.engine.begin() as connection:
+            if self.engine.dialect.insert_executemany_returning_sort_by_parameter_order:
+                query = items.insert().returning(items.c.id, sort_by_parameter_order=True)
+                return [row.id for row in connection.execute(query, rows)]
+            return [connection.execute(items.insert(), row).inserted_primary_key[0] for row in rows]
+
+    def get(self, item_id: int) -> dict[str, Any]:
+        """One item as the API shows it; ItemNotFound if there is none."""
+        with self.engine.connect() as connection:
+            row = connection.execute(sa.select(*(items.c[c] for c in SHOWN)).where(items.c.id == item_id)).first()
+        if row is None:
+            raise ItemNotFound(f"no batch item {item_id}")
+        return self.public(row)
+
+    def page(self, model: str | None, status: str | None, page: int, per_page: int) -> tuple[list[dict], int]:
+        """One page of items, newest first, filtered by model and status; and how many match in all."""
+        where = [c for c in (model and items.c.model == model, status and items.c.status == status) if c is not None]
+        query = sa.select(*(items.c[c] for c in SHOWN)).where(*where).order_by(items.c.id.desc())
+        with self.engine.connect() as connection:
+            rows = connection.execute(query.limit(per_page).offset((page - 1) * per_page)).all()
+            total = connection.execute(sa.select(sa.func.count()).select_from(items).where(*where)).scalar_one()
+        return [self.public(r) for r in rows], total
+
+    def claim(self, run_id: int, model: str, high_water: int, token: str, limit: int) -> list[Claimed]:
+        """Take up to `limit` queued items of a run's model (ids up to `high_water`) under `token`.
+
+        MySQL and MariaDB lock the rows with SELECT ... FOR UPDATE SKIP LOCKED, so concurrent claims
+        pass each other by; SQLite has one writer at a time, and claims in one UPDATE ... RETURNING.
+        """
+        started = now()
+        taken = {"status": RUNNING, "claim": token, "run_id": run_id, "leased_until": started + self.lease,
+                 "started_at": started, "attempts": items.c.attempts + 1}
+        eligible = (items.c.model == model, items.c.status == QUEUED, items.c.id <= high_water)
+        columns = (items.c.id, items.c.version, items.c.input, items.c.attempts)
+        with self.engine.begin() as connection:
+            if not self.mysql:
+                chosen = sa.select(items.c.id).where(*eligible).order_by(items.c.id).limit(limit)
+                query = items.update().where(items.c.id.in_(chosen.scalar_subquery())).values(taken)
+                return [Claimed(*row) for row in connection.execute(query.returning(*columns))]
+            query = sa.select(*columns).where(*eligible).order_by(items.c.id).limit(limit)
+            rows = connection.execute(query.with_for_update(skip_locked=True)).all()
+            if rows:
+                connection.execute(items.update().where(items.c.id.in_([r.id for r in rows])).values(taken))
+        return [Claimed(r.id, r.version, r.input, r.attempts + 1) for r in rows]
+
+    def reclaim(self, token: str) -> list[Claimed]:
+        """Take back, under a fresh lease, the items a lost attempt of the same chunk task held."""
+        held = (items.c.status == RUNNING, items.c.claim == token)
+        started = now()
+        with self.engine.begin() as connection:
+            connection.execute(items.update().where(*held).values(
+                leased_until=started + self.lease, started_at=started, attempts=items.c.attempts + 1))
+            query = sa.select(items.c.id, items.c.version, items.c.input, items.c.attempts).where(*held)
+            return [Claimed(*row) for row in connection.execute(query.order_by(items.c.id))]
+
+    def public(self, row: sa.Row) -> dict[str, Any]:
+        """An item row as the API shows it: JSON prediction, ISO times, and tries left after a failure."""
+        item = dict(zip(SHOWN, row, strict=True))
+        item["prediction"] = orjson.loads(item["prediction"]) if item["prediction"] is not None else None
+        for name in ("created_at", "started_at", "finished_at"):
+            item[name] = iso(item[name])
+        if item["status"] == FAILED:
+            item["retries_left"] = max(self.max_attempts - item["attempts"], 0)
+        return item
+
+    def finish(self, run_id: int, token: str, predictions: dict[int, str], errors: dict[int, str]) -> bool:
+        """Write a chunk's predictions and errors to the rows it still holds and count them into the run;
+        answer whether the run's counts now reach its total."""
+        finished = now()
+        with self.engine.begin() as connection:
+            done = self._write(connection, token, SUCCEEDED, "prediction", predictions, finished)
+            failed = self._write(connection, token, FAILED, "error", errors, finished)
+            counts = runs.update().where(runs.c.id == run_id).values(
+                succeeded=runs.c.succeeded + done, failed=runs.c.failed + failed, updated_at=finished)
+            connection.execute(counts)
+            row = connection.execute(sa.select(runs.c.total, runs.c.succeeded, runs.c.failed)
+                                     .where(runs.c.id == run_id)).one()
+        return row.succeeded + row.failed >= row.total
+
+    def _write(self, connection: sa.Connection, token: str, status: str, column: str, values: dict[int, str],
+               finished: datetime.datetime) -> int:
+        """One UPDATE for many rows: `column` = CASE id WHEN ... END, only where the token still holds."""
+        if not values:
+            return 0
+        mark = self._mark
+        cases = " ".join(f"WHEN {mark} THEN {mark}" for _ in values)
+        other = "error" if column == "prediction" else "prediction"
+        sql = (f"UPDATE batch_items SET status = {mark}, {column} = CASE id {cases} END, {other} = NULL, "
+               f"finished_at = {mark}, claim = NULL, leased_until = NULL "
+               f"WHERE claim = {mark} AND status = {mark} AND id IN ({', '.join([mark] * len(values))})")
+        params = (status, *(v for pair in values.items() for v in pair), finished, token, RUNNING, *values)
+        return connection.exec_driver_sql(sql, params).rowcount
+
+    def expire_leases(self, limit: int = 10_000) -> dict[int, int]:
+        """Return items whose lease ran out to `queued` (to `failed` once out of attempts), counting the
+        failures into their runs; answer, per run, how many went back in line."""
+        expired = (items.c.status == RUNNING, items.c.leased_until < now())
+        query = sa.select(items.c.id, items.c.run_id, items.c.attempts).where(*expired).limit(limit)
+        with self.engine.begin() as connection:
+            rows = connection.execute(query.with_for_update(skip_locked=True) if self.mysql else query).all()
+            spent = [r for r in rows if r.attempts >= self.max_attempts]
+            again = [r.id for r in rows if r.attempts < self.max_attempts]
+            self._expire(connection, again, {"status": QUEUED})
+            reason = f"its worker was lost {self.max_attempts} times; given up"
+            self._expire(connection, [r.id for r in spent], {"status": FAILED, "error": reason, "finished_at": now()})
+            for run_id, count in Counter(r.run_id for r in spent).items():
+                connection.execute(runs.update().where(runs.c.id == run_id).values(failed=runs.c.failed + count))
+        return dict(Counter(r.run_id for r in rows if r.attempts < self.max_attempts))
+
+    @staticmethod
+    def _expire(connection: sa.Connection, ids: list[int], values: dict[str, Any]) -> None:
+        if ids:
+            query = items.update().where(items.c.id.in_(ids), items.c.status == RUNNING)
+            connection.execute(query.values(claim=None, leased_until=None, **values))
+
