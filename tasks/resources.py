@@ -19,7 +19,7 @@ from tasks.runs import RunStore
 _registry: Registry | None = None
 _jobs: JobStore | None = None
 _batches: BatchQueue | None = None
-_engine: sa.Engine | None = None
+_engines: dict[str, sa.Engine] = {}
 
 
 def registry() -> Registry:
@@ -51,10 +51,10 @@ def batches() -> BatchQueue | None:
 
 def engine() -> sa.Engine:
     """This worker process's engine on DATABASE_URL, made on first use."""
-    global _engine
-    if _engine is None:
-        _engine = db.create_engine(TaskSettings.from_env().database_url)
-    return _engine
+    url = TaskSettings.from_env().database_url
+    if url not in _engines:
+        _engines[url] = db.create_engine(url)
+    return _engines[url]
 
 
 def items() -> ItemStore:

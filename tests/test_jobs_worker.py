@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,11 +15,11 @@ import pytest
 import redis
 from flask.testing import FlaskClient
 from sklearn.datasets import load_digits, load_iris
+from workers import celery_worker
 
 from models.config import PACKAGE_DIR
 from models.tensor import pack
 from samples import Receiver, callback_receiver, digit_png
-from tasks import TaskSettings, create_celery
 from tasks.lanes import BatchQueue, Lane
 from webapp import create_app
 
@@ -29,31 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER_REDIS_URL = os.environ.get("TEST_WORKER_REDIS_URL", "redis://127.0.0.1:6379/12")
 
 pytestmark = pytest.mark.integration
-
-
-@contextlib.contextmanager
-def celery_worker(redis_url: str, queues: str, log: Path, concurrency: int = 2,
-                  env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    """A real Celery worker process on `queues` of `redis_url`, ready when this yields; stopped after."""
-    name = f"{queues.replace(',', '-')}-{os.getpid()}@%h"
-    command = [sys.executable, "-m", "celery", "-A", "tasks.worker", "worker", "-Q", queues, "-c", str(concurrency),
-               "-n", name, "--without-mingle", "--without-gossip", "-l", "INFO"]
-    with log.open("w") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "REDIS_URL": redis_url, **(env or {})},
-                                   stdout=out, stderr=subprocess.STDOUT)
-    celery = create_celery(TaskSettings(redis_url=redis_url))
-    try:
-        deadline = time.monotonic() + 60
-        while not any(name.split("@")[0] in reply_name for reply in celery.control.ping(timeout=0.5)
-                      for reply_name in reply):
-            if process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"worker did not start:\n{log.read_text()[-3000:]}")
-        process.log = log  # type: ignore[attr-defined]
-        yield process
-    finally:
-        celery.close()
-        process.terminate()
-        process.wait(30)
 
 
 @pytest.fixture(scope="module")
