@@ -1,8 +1,10 @@
-"""`make run`: web (:8000), a Celery worker, celery beat and Flower (:5555) in the foreground.
+"""`make run`: web (:8000), Celery workers, celery beat and Flower (:5555) in the foreground.
 
 With no REDIS_URL set, a local Redis is started first (and stopped last); with no DATABASE_URL,
-SQLite is used. Local state (Redis data, beat schedule, SQLite) lives under VAR_DIR (default var/).
-Ctrl-C (or SIGTERM) stops every process; if one dies, all are stopped.
+SQLite is used. The SQL store's migrations run before anything starts. Local state (Redis data, beat
+schedule, SQLite) lives under VAR_DIR (default var/). One worker serves the online queues, another the
+`batch` queue, so batch runs never hold up online jobs. Ctrl-C (or SIGTERM) stops every process; if one
+dies, all are stopped.
 """
 
 from __future__ import annotations
@@ -37,14 +39,16 @@ def commands(env: dict[str, str], var: Path) -> dict[str, list[str]]:
     return {
         "web": [py, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")],
         "worker": [*celery, "worker", "-l", "INFO", "-Q", ",".join(_queues(env)), "-n", "worker@%h"],
+        "batch-worker": [*celery, "worker", "-l", "INFO", "-Q", "batch", "-n", "batch@%h",
+                         "-c", env.get("BATCH_CONCURRENCY", "1")],
         "beat": [*celery, "beat", "-l", "INFO", "-s", str(var / "celerybeat-schedule")],
         "flower": [*celery, "flower", f"--port={env.get('FLOWER_PORT', '5555')}", f"--basic-auth={flower_auth}"],
     }
 
 
 def _queues(env: dict[str, str]) -> list[str]:
-    """Every queue: the platform's own and one per ensemble member model in the repository."""
-    return [*QUEUES, *member_queues(Registry(Settings.from_env(env)).ensembles())]
+    """The online queues: the platform's own but `batch`, and one per ensemble member model in the repository."""
+    return [*(q for q in QUEUES if q != "batch"), *member_queues(Registry(Settings.from_env(env)).ensembles())]
 
 
 class Launcher:
@@ -110,6 +114,10 @@ def main() -> int:
                                                            process_group=0)
             launcher.processes["redis"] = process
             print(f"launch: no REDIS_URL set; started a local Redis at {env['REDIS_URL']}", flush=True)
+        migrate = subprocess.run([sys.executable, "-m", "tasks.db", "upgrade"], env=env, cwd=ROOT)
+        if migrate.returncode:
+            print("launch: the SQL store's migrations failed; is DATABASE_URL right?", file=sys.stderr, flush=True)
+            return 2
         for name, command in commands(env, var).items():
             launcher.start(name, command, env)
         status = launcher.wait()

@@ -69,7 +69,8 @@ class ItemStore:
 
     def page(self, model: str | None, status: str | None, page: int, per_page: int) -> tuple[list[dict], int]:
         """One page of items, newest first, filtered by model and status; and how many match in all."""
-        where = [c for c in (model and items.c.model == model, status and items.c.status == status) if c is not None]
+        where = [column == value for column, value in ((items.c.model, model), (items.c.status, status))
+                 if value is not None]
         query = sa.select(*(items.c[c] for c in SHOWN)).where(*where).order_by(items.c.id.desc())
         with self.engine.connect() as connection:
             rows = connection.execute(query.limit(per_page).offset((page - 1) * per_page)).all()

@@ -103,7 +103,7 @@ class RunStore:
 
     def page(self, model: str | None, page: int, per_page: int) -> tuple[list[Run], int]:
         """One page of the run history, newest first; and how many runs there are in all."""
-        where = [runs.c.model == model] if model else []
+        where = [runs.c.model == model] if model is not None else []
         with self.engine.connect() as connection:
             query = sa.select(runs).where(*where).order_by(runs.c.id.desc())
             rows = connection.execute(query.limit(per_page).offset((page - 1) * per_page)).all()

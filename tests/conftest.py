@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import sqlalchemy
 from flask import Flask
 from flask.testing import FlaskClient
 
@@ -51,8 +52,6 @@ def database_url() -> Iterator[str]:
 
 def reset_schema(url: str) -> None:
     """Drop the platform's tables at `url` and build them again with the migrations."""
-    import sqlalchemy
-
     from tasks import db
 
     engine = db.create_engine(url)
@@ -61,6 +60,19 @@ def reset_schema(url: str) -> None:
         connection.execute(sqlalchemy.text("DROP TABLE IF EXISTS alembic_version"))
     engine.dispose()
     db.upgrade(url)
+
+
+@pytest.fixture
+def batch_tables(database_url: str) -> Iterator[sqlalchemy.Engine]:
+    """The test database's batch tables, emptied first."""
+    from tasks import db
+
+    engine = db.create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(db.items.delete())
+        connection.execute(db.runs.delete())
+    yield engine
+    engine.dispose()
 
 
 @pytest.fixture
@@ -97,7 +109,6 @@ def repo_client(repo_app: Flask) -> Iterator[FlaskClient]:
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Stop the run, as a failure, when the real Redis or MariaDB the suite needs is not there."""
     import redis
-    import sqlalchemy
 
     problems = []
     try:

@@ -29,8 +29,9 @@ from models.tensor import TensorSpec
 from webapp import create_app
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 
-APP = create_app({"TESTING": True, "redis_url": REDIS_URL, "result_expires_s": 60})
+APP = create_app({"TESTING": True, "redis_url": REDIS_URL, "database_url": DATABASE_URL, "result_expires_s": 60})
 CLIENT = APP.test_client()
 REGISTRY = APP.extensions["registry"]
 MODELS = ("iris", "digits-light")
@@ -192,6 +193,17 @@ def assert_v2_answer(response: TestResponse, model: str, request_id: object = No
 def post_json(path: str, body: object) -> TestResponse:
     """POST a JSON body written with NaN and Infinity tokens, as TensorFlow Serving clients may."""
     return CLIENT.post(path, data=json.dumps(body), content_type="application/json")
+
+
+@FUZZ
+@given(model=st.sampled_from(MODELS), version=st.none() | st.integers(-2, 3) | JSON_VALUES,
+       instances=rows(4) | rows(4, NUMBERS) | rows(64, NUMBERS) | JSON_VALUES)
+def test_batch_registrations_never_fail_the_server(model: str, version: object, instances: object) -> None:
+    body = {"model": model, "instances": instances} | ({} if version is None else {"version": version})
+    response = post_json("/v1/batch/items", body)
+    assert_json_error(response.status_code, response.data)
+    if response.status_code == 201:
+        assert len(response.get_json()["ids"]) == len(instances)
 
 
 @st.composite

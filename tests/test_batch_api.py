@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -25,24 +24,13 @@ ROWS = load_iris().data.astype(np.float32)
 
 
 @pytest.fixture
-def clean(database_url: str) -> Iterator[sa.Engine]:
-    """The test database's batch tables, emptied first."""
-    engine = db.create_engine(database_url)
-    with engine.begin() as connection:
-        connection.execute(db.items.delete())
-        connection.execute(db.runs.delete())
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
-def eager(clean: sa.Engine, redis_url: str) -> FlaskClient:
+def eager(batch_tables: sa.Engine, redis_url: str) -> FlaskClient:
     """A client whose runs execute in the request, over the real MariaDB."""
     return create_app({"TESTING": True, "redis_url": redis_url, "celery": EAGER}).test_client()
 
 
 @pytest.fixture
-def idle(clean: sa.Engine) -> Flask:
+def idle(batch_tables: sa.Engine) -> Flask:
     """An app whose runs are queued where no worker takes them."""
     redis.Redis.from_url(IDLE_REDIS_URL).flushdb()
     return create_app({"TESTING": True, "redis_url": IDLE_REDIS_URL})
@@ -85,11 +73,11 @@ def test_image_items_run_through_the_spec_s_preprocessing(eager: FlaskClient):
     assert [eager.get(f"/v1/batch/items/{i}").get_json()["prediction"] for i in ids] == expected
 
 
-def test_a_bad_item_fails_with_its_reason_and_the_others_succeed(eager: FlaskClient, clean: sa.Engine):
+def test_a_bad_item_fails_with_its_reason_and_the_others_succeed(eager: FlaskClient, batch_tables: sa.Engine):
     digits = load_digits()
     good = [{"b64": base64.b64encode(digit_png(digits.data[i])).decode()} for i in range(5)]
     ids = register(eager, "digits-light", [*good[:2], {"b64": base64.b64encode(b"not an image").decode()}, *good[2:]])
-    with clean.begin() as connection:  # rows that reached the table some other way than the API
+    with batch_tables.begin() as connection:  # rows that reached the table some other way than the API
         for text in ("[1, 2, 3]", "{not json"):
             connection.execute(db.items.insert().values(model="iris", version=1, input=text, status="queued",
                                                         created_at=db.now()))
@@ -105,7 +93,7 @@ def test_a_bad_item_fails_with_its_reason_and_the_others_succeed(eager: FlaskCli
     assert all(eager.get(f"/v1/batch/items/{i}").get_json()["status"] == "succeeded" for i in ok)
 
 
-def test_failed_items_are_retried_by_later_runs_until_out_of_attempts(eager: FlaskClient, clean: sa.Engine):
+def test_failed_items_are_retried_by_later_runs_until_out_of_attempts(eager: FlaskClient, batch_tables: sa.Engine):
     bad = {"b64": base64.b64encode(b"GIF89a broken").decode()}
     (item_id,) = register(eager, "digits-light", [bad])
     for attempt in (1, 2, 3):
@@ -217,7 +205,7 @@ def test_run_refusals(eager: FlaskClient):
     assert eager.post("/v1/batch/runs", json={"model": "iris", "when": "now"}).status_code == 400
 
 
-def test_an_unreachable_database_answers_503_and_predict_goes_on(clean: sa.Engine):
+def test_an_unreachable_database_answers_503_and_predict_goes_on(batch_tables: sa.Engine):
     app = create_app({"TESTING": True, "database_url": "mysql+pymysql://root@127.0.0.1:1/test"})
     client = app.test_client()
     for response in (client.post("/v1/batch/items", json={"model": "iris", "instances": [[1, 2, 3, 4]]}),

@@ -107,6 +107,21 @@ def _queued_prediction(platform: Platform, request_id: str = "launch-test") -> d
     pytest.fail(f"job not finished in 60 s: {job}")
 
 
+def _batch_run(platform: Platform) -> dict:
+    """Register items in the platform's SQL store (SQLite here), run them on its batch worker, answer the run."""
+    registered = requests.post(f"{platform.web}/v1/batch/items", json={"model": "iris", "instances": IRIS}, timeout=10)
+    assert registered.status_code == 201, registered.text
+    started = requests.post(f"{platform.web}/v1/batch/runs", json={"model": "iris"}, timeout=10)
+    assert started.status_code == 202, started.text
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        run = requests.get(platform.web + started.json()["status_url"], timeout=10).json()
+        if run["status"] not in ("queued", "running"):
+            return run
+        time.sleep(0.1)
+    pytest.fail(f"batch run not finished in 60 s: {run}")
+
+
 def _flower_saw(platform: Platform, task_name: str) -> bool:
     """Whether Flower's task list shows a task of that name (its events arrive asynchronously)."""
     deadline = time.monotonic() + 30
@@ -130,7 +145,8 @@ def test_make_run_serves_queues_and_shows_flower_then_stops_on_ctrl_c(platform: 
 
     _wait(platform, f"{platform.flower}/api/workers?refresh=1", auth=("ops", "s3cret"))
     assert requests.get(f"{platform.flower}/api/workers", timeout=5).status_code == 401
-    expected = {"preprocess", "predict", "predict_batch", "deliver_callback", "reclaim_batches"}
+    expected = {"preprocess", "predict", "predict_batch", "deliver_callback", "reclaim_batches", "batch_run",
+                "batch_chunk", "batch_reconcile", "batch_scheduled"}
     deadline, registered = time.monotonic() + 30, set()
     while not expected <= registered and time.monotonic() < deadline:
         workers = requests.get(f"{platform.flower}/api/workers?refresh=1", auth=("ops", "s3cret"), timeout=10).json()
@@ -145,9 +161,14 @@ def test_make_run_serves_queues_and_shows_flower_then_stops_on_ctrl_c(platform: 
     assert any("queued" in line for line in log_lines) and any("finished" in line for line in log_lines), log_lines
     assert _flower_saw(platform, "predict_batch")
 
+    run = _batch_run(platform)
+    assert (run["status"], run["succeeded"]) == ("succeeded", 2), run
+    assert _flower_saw(platform, "batch_chunk")
+    assert "db: upgrade done on sqlite:///" in platform.output()
+
     assert _stop(platform) == 0
     assert not _port_open(platform.web) and not _port_open(platform.flower)
-    for role in ("web", "worker", "beat", "flower"):
+    for role in ("web", "worker", "batch-worker", "beat", "flower"):
         assert f"starting {role}" in platform.output()
 
 

@@ -9,6 +9,13 @@ ERROR = {"$ref": "#/components/schemas/Error"}
 NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
 JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+ITEM_ID = {"name": "item_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
+RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "integer", "minimum": 0}}
+PAGING = [
+    {"name": "page", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}},
+    {"name": "per_page", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}},
+    {"name": "model", "in": "query", "required": False, "schema": {"type": "string"}},
+]
 HEADER_LENGTH = {
     "name": "Inference-Header-Content-Length", "in": "header", "required": False,
     "description": "length of the JSON header when binary tensor data follows it",
@@ -22,9 +29,11 @@ def _json(schema: dict, description: str) -> dict:
 
 
 def _errors(*codes: int) -> dict:
-    reasons = {400: "invalid request", 404: "unknown model, version or job", 409: "the job has started",
+    reasons = {400: "invalid request", 404: "unknown model, version, job, item or run",
+               409: "the job has started, or the model has a run queued or running",
                410: "the job has expired", 413: "body or image too large",
-               415: "unsupported content type or encoding", 503: "not ready, or the job queue is unavailable"}
+               415: "unsupported content type or encoding",
+               503: "not ready, or the job queue or the batch store is unavailable"}
     return {str(c): _json(ERROR, reasons[c]) for c in codes}
 
 
@@ -87,6 +96,7 @@ def document() -> dict[str, Any]:
     job["delete"] = {"summary": "Cancel a queued job",
                      "responses": {"200": _json(_schema("Job"), "OK"), **_errors(404, 409, 410)}}
     paths["/v1/jobs/{job_id}"] = {verb: {**op, "parameters": [JOB_ID]} for verb, op in job.items()}
+    _batch(paths)
     _versioned(paths, "/v2/models/{name}", _get("Model metadata", obj, 404))
     _versioned(paths, "/v2/models/{name}", _get("Model readiness", obj, 404, 503), "/ready")
     _versioned(paths, "/v2/models/{name}", _post("Infer (Open Inference Protocol V2)", _schema("V2Infer"),
@@ -97,6 +107,25 @@ def document() -> dict[str, Any]:
         "paths": paths,
         "components": {"schemas": SCHEMAS},
     }
+
+
+def _batch(paths: dict[str, Any]) -> None:
+    """The batch pattern's paths: items and runs."""
+    obj = {"type": "object"}
+    register = _post("Register items for the model's next batch run", _schema("BatchItems"), obj, status="201")
+    items = _get("Batch items, newest first", obj, 400, 503)
+    items["get"]["parameters"] = [*PAGING, {"name": "status", "in": "query", "required": False,
+                                            "schema": {"enum": ["queued", "running", "succeeded", "failed"]}}]
+    paths["/v1/batch/items"] = {**register, **items}
+    paths["/v1/batch/items/{item_id}"] = {"get": {**_get("A batch item", obj, 404, 503)["get"],
+                                                  "parameters": [ITEM_ID]}}
+    trigger = _post("Start a batch run of a model now", _schema("BatchRun"), _schema("RunAccepted"), status="202")
+    trigger["post"]["responses"].update(_errors(409))
+    history = _get("The batch run history, newest first", obj, 400, 503)
+    history["get"]["parameters"] = PAGING
+    paths["/v1/batch/runs"] = {**trigger, **history}
+    paths["/v1/batch/runs/{run_id}"] = {"get": {**_get("A batch run's progress", obj, 404, 503)["get"],
+                                                "parameters": [RUN_ID]}}
 
 
 def _schema(name: str) -> dict:
@@ -179,6 +208,15 @@ SCHEMAS: dict[str, Any] = {
         },
     },
 }
+SCHEMAS["BatchItems"] = {
+    "type": "object", "required": ["model", "instances"], "additionalProperties": False,
+    "properties": {"model": {"type": "string"}, "version": {"type": "integer", "minimum": 1},
+                   "instances": SCHEMAS["TFPredict"]["properties"]["instances"]},
+}
+SCHEMAS["BatchRun"] = {"type": "object", "required": ["model"], "additionalProperties": False,
+                       "properties": {"model": {"type": "string"}}}
+SCHEMAS["RunAccepted"] = {"type": "object", "required": ["run_id", "status_url"],
+                          "properties": {"run_id": {"type": "integer"}, "status_url": {"type": "string"}}}
 SCHEMAS["JobSubmit"] = {
     **SCHEMAS["TFPredict"],
     "properties": {**SCHEMAS["TFPredict"]["properties"], "callback_url": {"type": "string", "format": "uri"}},
