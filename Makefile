@@ -48,6 +48,10 @@ bench: install ## Run the HTTP benchmark against in-process onnxruntime and a Fa
 bench-jobs: install ## Run the job benchmark: batching on and off against a BRPOP reference (needs Redis)
 	$(BIN)/python -m bench.jobs
 
+.PHONY: bench-batch
+bench-batch: install ## Run the batch benchmark: a run over 200,000 rows on MariaDB against the read-and-write floor
+	$(BIN)/python -m bench.batch
+
 .PHONY: clean
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache

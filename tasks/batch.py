@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import logging
-import math
 from collections import defaultdict
 from typing import Any
 
@@ -24,10 +23,13 @@ from tasks.config import TaskSettings
 from tasks.db import now
 from tasks.items import RUNNING, Claimed
 from tasks.resources import items, registry, runs
-from tasks.runs import RunRefused
+from tasks.runs import Run, RunRefused
 
 log = logging.getLogger(__name__)
-RETRIED: dict[str, Any] = {"bind": True, "acks_late": True, "max_retries": 3, "default_retry_delay": 1}
+RETRIED: dict[str, Any] = {
+    "bind": True, "acks_late": True, "max_retries": 3, "default_retry_delay": 1,
+    "ignore_result": True,  # the SQL store holds every outcome; Flower shows the summary from the task's events
+}
 
 
 @shared_task(name="batch_run", **RETRIED)
@@ -48,14 +50,15 @@ def batch_scheduled(self: Task, model: str, when: str) -> dict[str, Any]:
 
 
 @shared_task(name="batch_chunk", **RETRIED)
-def batch_chunk(self: Task, run_id: int) -> dict[str, Any]:
-    """Claim a chunk of a run's items, predict them, write the outcomes back; finish the run if it is done."""
+def batch_chunk(self: Task, run_id: int, first: int, last: int) -> dict[str, Any]:
+    """Claim a run's queued items with ids from `first` to `last`, predict them, write the outcomes back;
+    finish the run if it is done."""
     run, store = runs().get(run_id), items()
     if run.status != RUNNING:
         return {"run_id": run_id, "rows": 0, "skipped": f"run is {run.status}"}
-    rows = chunk_rows()
-    held = store.reclaim(self.request.id) if self.request.retries else []
-    claimed = held + store.claim(run.id, run.model, run.high_water or 0, self.request.id, rows - len(held))
+    span = (first, min(last, run.high_water or 0))
+    held = store.reclaim(run.model, span, self.request.id) if self.request.retries else []
+    claimed = held + store.claim(run.id, run.model, span, self.request.id, chunk_rows() - len(held))
     predictions, errors = _predict(run.model, claimed)
     complete = store.finish(run.id, self.request.id, predictions, errors)
     if complete or not claimed:
@@ -67,10 +70,11 @@ def batch_chunk(self: Task, run_id: int) -> dict[str, Any]:
 def batch_reconcile(self: Task) -> dict[str, int]:
     """Put back items held past their lease; restart runs whose start or chunks were lost; finish runs
     that are done."""
-    back = items().expire_leases()
+    live = runs().live()
+    back = items().expire_leases([run.model for run in live])
     lease = datetime.timedelta(seconds=TaskSettings.from_env().batch_item_lease_s)
     sent = finished = 0
-    for run in runs().live():
+    for run in live:
         stale = (run.updated_at or run.created_at) < now() - lease
         if run.status != RUNNING:
             if stale:
@@ -79,8 +83,8 @@ def batch_reconcile(self: Task) -> dict[str, int]:
             continue
         if runs().finish_if_done(run.id):
             finished += 1
-        elif run.id in back or stale:  # a stalled run gets chunks for all it has left, others for what came back
-            sent += fan_out(self.app, run.id, runs().unfinished(run) if stale else back[run.id])
+        elif run.id in back or stale:  # lost rows or lost messages: chunks for whatever is still queued
+            sent += fan_out(self.app, run)
             runs().touch(run.id)
     if back or sent:
         log.warning("reconciled batch runs: %d items back in line, %d tasks sent", sum(back.values()), sent)
@@ -99,19 +103,19 @@ def start(app: Celery, run_id: int) -> dict[str, Any]:
     started = store.start(run_id)
     if started is None:
         return {"run_id": run_id, "skipped": "not queued"}
-    chunks = fan_out(app, run_id, started.total)
+    chunks = fan_out(app, started)
     if not started.total:
         store.finish_if_done(run_id)
     log.info("batch run %d of %s: %d items in %d chunks", run_id, run.model, started.total, chunks)
     return {"run_id": run_id, "total": started.total, "chunks": chunks}
 
 
-def fan_out(app: Celery, run_id: int, count: int) -> int:
-    """Queue enough chunk tasks for `count` items of a run; answer how many."""
-    chunks = math.ceil(count / chunk_rows())
-    for _ in range(chunks):
-        app.tasks["batch_chunk"].apply_async(args=[run_id], queue="batch")
-    return chunks
+def fan_out(app: Celery, run: Run) -> int:
+    """Queue one chunk task per `BATCH_CHUNK_ROWS` of the run's queued items; answer how many."""
+    spans = runs().spans(run, chunk_rows())
+    for first, last in spans:
+        app.tasks["batch_chunk"].apply_async(args=[run.id, first, last], queue="batch")
+    return len(spans)
 
 
 def chunk_rows() -> int:

@@ -47,10 +47,10 @@ items = sa.Table(
     sa.Column("started_at", Time),
     sa.Column("finished_at", Time),
     sa.Index(None, "model", "status", "id"),
-    sa.Index(None, "status", "leased_until"),
-    sa.Index(None, "run_id", "status"),
 )
-"""One row per item to predict; `claim` and `leased_until` hold it while a chunk task runs it."""
+"""One row per item to predict; `claim` and `leased_until` hold it while a chunk task runs it. Its one
+secondary index serves every query the runs make (claims, counts, leases: a model has one run at a time);
+each more index would cost every claim and write-back a second index update."""
 
 runs = sa.Table(
     "batch_runs", metadata,

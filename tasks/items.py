@@ -5,6 +5,7 @@ lease. The chunk writes every outcome in one statement per kind, only to rows th
 and counts them into its run in the same transaction. An item that failed is `failed` with its reason;
 while it has attempts left, the next run of its model tries it again (the partial retry). Rows whose
 lease ran out (their worker was lost) go back to `queued`, or to `failed` once out of attempts.
+
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ QUEUED, RUNNING = JobStatus.QUEUED.value, JobStatus.RUNNING.value
 SUCCEEDED, FAILED = JobStatus.SUCCEEDED.value, JobStatus.FAILED.value
 SHOWN = ("id", "model", "version", "status", "prediction", "error", "attempts", "run_id",
          "created_at", "started_at", "finished_at")
+COLUMNS = tuple(items.c[c] for c in SHOWN)
 
 
 class ItemNotFound(LookupError):
     """No batch item has that id."""
+
+
+Span = tuple[int, int]
+"""The first and last item id of a chunk."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +43,6 @@ class Claimed:
     id: int
     version: int
     input: str
-    attempts: int
 
 
 class ItemStore:
@@ -62,7 +67,7 @@ class ItemStore:
     def get(self, item_id: int) -> dict[str, Any]:
         """One item as the API shows it; ItemNotFound if there is none."""
         with self.engine.connect() as connection:
-            row = connection.execute(sa.select(*(items.c[c] for c in SHOWN)).where(items.c.id == item_id)).first()
+            row = connection.execute(sa.select(*COLUMNS).where(items.c.id == item_id)).first()
         if row is None:
             raise ItemNotFound(f"no batch item {item_id}")
         return self.public(row)
@@ -71,23 +76,25 @@ class ItemStore:
         """One page of items, newest first, filtered by model and status; and how many match in all."""
         where = [column == value for column, value in ((items.c.model, model), (items.c.status, status))
                  if value is not None]
-        query = sa.select(*(items.c[c] for c in SHOWN)).where(*where).order_by(items.c.id.desc())
+        query = sa.select(*COLUMNS).where(*where).order_by(items.c.id.desc())
         with self.engine.connect() as connection:
             rows = connection.execute(query.limit(per_page).offset((page - 1) * per_page)).all()
             total = connection.execute(sa.select(sa.func.count()).select_from(items).where(*where)).scalar_one()
         return [self.public(r) for r in rows], total
 
-    def claim(self, run_id: int, model: str, high_water: int, token: str, limit: int) -> list[Claimed]:
-        """Take up to `limit` queued items of a run's model (ids up to `high_water`) under `token`.
+    def claim(self, run_id: int, model: str, span: Span, token: str, limit: int) -> list[Claimed]:
+        """Take up to `limit` queued items of a run's model with ids in `span` (both ends in) under `token`.
 
         MySQL and MariaDB lock the rows with SELECT ... FOR UPDATE SKIP LOCKED, so concurrent claims
         pass each other by; SQLite has one writer at a time, and claims in one UPDATE ... RETURNING.
+        A span keeps the index scan off the entries of rows other chunks just finished, which InnoDB
+        keeps until it purges them.
         """
         started = now()
         taken = {"status": RUNNING, "claim": token, "run_id": run_id, "leased_until": started + self.lease,
                  "started_at": started, "attempts": items.c.attempts + 1}
-        eligible = (items.c.model == model, items.c.status == QUEUED, items.c.id <= high_water)
-        columns = (items.c.id, items.c.version, items.c.input, items.c.attempts)
+        eligible = (items.c.model == model, items.c.status == QUEUED, items.c.id.between(*span))
+        columns = (items.c.id, items.c.version, items.c.input)
         with self.engine.begin() as connection:
             if not self.mysql:
                 chosen = sa.select(items.c.id).where(*eligible).order_by(items.c.id).limit(limit)
@@ -96,17 +103,19 @@ class ItemStore:
             query = sa.select(*columns).where(*eligible).order_by(items.c.id).limit(limit)
             rows = connection.execute(query.with_for_update(skip_locked=True)).all()
             if rows:
-                connection.execute(items.update().where(items.c.id.in_([r.id for r in rows])).values(taken))
-        return [Claimed(r.id, r.version, r.input, r.attempts + 1) for r in rows]
+                ids = [r.id for r in rows]
+                connection.execute(items.update().where(sa.or_(*(items.c.id.between(*r) for r in runs_of(ids))),
+                                                        items.c.status == QUEUED).values(taken))
+        return [Claimed(*row) for row in rows]
 
-    def reclaim(self, token: str) -> list[Claimed]:
+    def reclaim(self, model: str, span: Span, token: str) -> list[Claimed]:
         """Take back, under a fresh lease, the items a lost attempt of the same chunk task held."""
-        held = (items.c.status == RUNNING, items.c.claim == token)
+        held = (items.c.model == model, items.c.status == RUNNING, items.c.id.between(*span), items.c.claim == token)
         started = now()
         with self.engine.begin() as connection:
             connection.execute(items.update().where(*held).values(
                 leased_until=started + self.lease, started_at=started, attempts=items.c.attempts + 1))
-            query = sa.select(items.c.id, items.c.version, items.c.input, items.c.attempts).where(*held)
+            query = sa.select(items.c.id, items.c.version, items.c.input).where(*held)
             return [Claimed(*row) for row in connection.execute(query.order_by(items.c.id))]
 
     def public(self, row: sa.Row) -> dict[str, Any]:
@@ -141,16 +150,20 @@ class ItemStore:
         mark = self._mark
         cases = " ".join(f"WHEN {mark} THEN {mark}" for _ in values)
         other = "error" if column == "prediction" else "prediction"
+        spans = runs_of(sorted(values))
         sql = (f"UPDATE batch_items SET status = {mark}, {column} = CASE id {cases} END, {other} = NULL, "
-               f"finished_at = {mark}, claim = NULL, leased_until = NULL "
-               f"WHERE claim = {mark} AND status = {mark} AND id IN ({', '.join([mark] * len(values))})")
-        params = (status, *(v for pair in values.items() for v in pair), finished, token, RUNNING, *values)
+               f"finished_at = {mark}, claim = NULL, leased_until = NULL WHERE claim = {mark} AND status = {mark} "
+               f"AND ({' OR '.join([f'id BETWEEN {mark} AND {mark}'] * len(spans))})")
+        params = (status, *(v for pair in values.items() for v in pair), finished, token, RUNNING,
+                  *(end for span in spans for end in span))
         return connection.exec_driver_sql(sql, params).rowcount
 
-    def expire_leases(self, limit: int = 10_000) -> dict[int, int]:
-        """Return items whose lease ran out to `queued` (to `failed` once out of attempts), counting the
-        failures into their runs; answer, per run, how many went back in line."""
-        expired = (items.c.status == RUNNING, items.c.leased_until < now())
+    def expire_leases(self, models: list[str], limit: int = 10_000) -> dict[int, int]:
+        """Return the models' items whose lease ran out to `queued` (to `failed` once out of attempts),
+        counting the failures into their runs; answer, per run, how many went back in line."""
+        if not models:
+            return {}
+        expired = (items.c.model.in_(models), items.c.status == RUNNING, items.c.leased_until < now())
         query = sa.select(items.c.id, items.c.run_id, items.c.attempts).where(*expired).limit(limit)
         with self.engine.begin() as connection:
             rows = connection.execute(query.with_for_update(skip_locked=True) if self.mysql else query).all()
@@ -169,3 +182,13 @@ class ItemStore:
             query = items.update().where(items.c.id.in_(ids), items.c.status == RUNNING)
             connection.execute(query.values(claim=None, leased_until=None, **values))
 
+
+def runs_of(ids: list[int]) -> list[Span]:
+    """Sorted ids as the spans of consecutive ids they make: a WHERE clause of a few ranges, not of every id."""
+    spans: list[list[int]] = []
+    for i in ids:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return [(first, last) for first, last in spans]

@@ -15,7 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from tasks.db import iso, items, now, runs
-from tasks.items import FAILED, QUEUED, RUNNING, SUCCEEDED
+from tasks.items import FAILED, QUEUED, RUNNING, Span
 from tasks.status import JobStatus
 
 
@@ -128,33 +128,38 @@ class RunStore:
         return self.get(run_id) if changed else None
 
     def finish_if_done(self, run_id: int) -> bool:
-        """Finish a running run whose scope holds nothing queued or running, with counts from its items."""
+        """Finish a running run whose scope holds nothing queued or running. Its counts are exact: every
+        outcome is counted in the transaction that writes it."""
         run = self.get(run_id)
         if run.status != RUNNING:
             return False
         with self.engine.begin() as connection:
             if self._unfinished(connection, run):
                 return False
-            counts = dict(connection.execute(
-                sa.select(items.c.status, sa.func.count()).where(items.c.run_id == run_id)
-                .group_by(items.c.status)).all())
-            done, failed = counts.get(SUCCEEDED, 0), counts.get(FAILED, 0)
             ended = runs.update().where(runs.c.id == run_id, runs.c.status == RUNNING).values(
-                status=JobStatus.SUCCEEDED.value, active=None, finished_at=now(), succeeded=done, failed=failed,
-                total=max(run.total, done + failed))  # items registered late under the high-water mark count too
+                status=JobStatus.SUCCEEDED.value, active=None, finished_at=now(),
+                total=sa.case((runs.c.total < runs.c.succeeded + runs.c.failed, runs.c.succeeded + runs.c.failed),
+                              else_=runs.c.total))  # an item committed late under the high-water mark counts too
             return connection.execute(ended).rowcount == 1
 
-    def unfinished(self, run: Run) -> int:
-        """How many items of a run's scope are still queued or running."""
+    def spans(self, run: Run, size: int) -> list[Span]:
+        """The run's queued items cut into spans of at most `size` items, in id order."""
+        queued = (items.c.model == run.model, items.c.status == QUEUED, items.c.id <= (run.high_water or 0))
+        numbered = sa.select(items.c.id, sa.func.row_number().over(order_by=items.c.id).label("n")).where(*queued)
+        inner = numbered.subquery()
         with self.engine.connect() as connection:
-            return self._unfinished(connection, run)
+            starts = connection.execute(sa.select(inner.c.id).where((inner.c.n - 1) % size == 0)
+                                        .order_by(inner.c.id)).scalars().all()
+        ends = [after - 1 for after in starts[1:]] + [run.high_water or 0]
+        return list(zip(starts, ends[:len(starts)], strict=True))
 
     @staticmethod
     def _unfinished(connection: sa.Connection, run: Run) -> int:
+        """Items of the run's scope still queued or running (a model has one run at a time)."""
         queued = sa.select(sa.func.count()).select_from(items).where(
             items.c.model == run.model, items.c.status == QUEUED, items.c.id <= (run.high_water or 0))
         running = sa.select(sa.func.count()).select_from(items).where(
-            items.c.run_id == run.id, items.c.status == RUNNING)
+            items.c.model == run.model, items.c.status == RUNNING)
         return connection.execute(queued).scalar_one() + connection.execute(running).scalar_one()
 
     def fail(self, run_id: int, error: str) -> None:

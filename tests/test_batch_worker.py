@@ -117,8 +117,8 @@ def test_runs_started_at_once_process_each_row_exactly_once(client: FlaskClient,
     celery = client.application.extensions["celery"]
     for _ in range(2):  # a duplicate start message and spare chunk messages change nothing
         celery.tasks["batch_run"].apply_async(args=[accepted["run_id"]], queue="batch")
-    for _ in range(6):
-        celery.tasks["batch_chunk"].apply_async(args=[accepted["run_id"]], queue="batch")
+    for _ in range(6):  # each over every id of the run
+        celery.tasks["batch_chunk"].apply_async(args=[accepted["run_id"], 0, 2**62], queue="batch")
     with celery_worker(BATCH_REDIS_URL, "batch", tmp_path / "second.log", tag="-second",
                        env={"BATCH_CHUNK_ROWS": "100"}):  # a second pool claiming beside the first
         run = finished(client, accepted["status_url"])
@@ -153,6 +153,29 @@ def test_a_run_whose_worker_is_killed_completes_after_a_restart(batch_tables: sa
                                strict=True):
         assert same(stored[item_id][2], wanted)
     assert sum(attempts == 2 for _, attempts, _ in stored.values()) >= held  # what the killed worker held, again
+
+
+def test_a_chunk_whose_worker_child_is_killed_is_retried_and_takes_back_its_rows(batch_tables: sa.Engine,
+                                                                                 tmp_path: Path):
+    url = os.environ.get("TEST_BATCH_KILL_REDIS_URL", "redis://127.0.0.1:6379/9")
+    redis.Redis.from_url(url).flushdb()
+    client = create_app({"TESTING": True, "redis_url": url}).test_client()
+    instances = rows(20_000, seed=5)
+    register(client, instances[:10_000])
+    register(client, instances[10_000:])
+    env = {"BATCH_CHUNK_ROWS": "20000"}  # one chunk, long enough to be caught running; no beat, no lease expiry
+    with celery_worker(url, "batch", tmp_path / "child.log", concurrency=1, env=env, tag="-child") as process:
+        status_url = client.post("/v1/batch/runs", json={"model": "iris"}).get_json()["status_url"]
+        deadline = time.monotonic() + 60
+        while not running(batch_tables):
+            assert time.monotonic() < deadline, "the chunk never claimed its rows"
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        os.kill(int(children[0]), 9)
+        run = finished(client, status_url, timeout_s=60)
+        log = process.log.read_text()
+    assert (run["status"], run["succeeded"], run["failed"]) == ("succeeded", 20_000, 0), log[-3000:]
+    assert "WorkerLostError" in log
+    assert {attempts for _, attempts, _ in outcomes(batch_tables).values()} == {2}
 
 
 def test_beat_starts_scheduled_runs_once_a_period(batch_tables: sa.Engine, tmp_path: Path):

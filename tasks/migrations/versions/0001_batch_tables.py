@@ -36,8 +36,6 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_batch_items"),
     )
     op.create_index("ix_batch_items_model_status_id", "batch_items", ["model", "status", "id"])
-    op.create_index("ix_batch_items_status_leased_until", "batch_items", ["status", "leased_until"])
-    op.create_index("ix_batch_items_run_id_status", "batch_items", ["run_id", "status"])
     op.create_table(
         "batch_runs",
         sa.Column("id", Id, primary_key=True, autoincrement=True),
