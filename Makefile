@@ -52,6 +52,10 @@ bench-jobs: install ## Run the job benchmark: batching on and off against a BRPO
 bench-batch: install ## Run the batch benchmark: a run over 200,000 rows on MariaDB against the read-and-write floor
 	$(BIN)/python -m bench.batch
 
+.PHONY: bench-cache
+bench-cache: install ## Run the prediction-cache benchmark: hits, misses and no cache on digits-heavy (needs Redis)
+	$(BIN)/python -m bench.cache
+
 .PHONY: clean
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -75,12 +75,22 @@ def _columns(inputs: object, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndar
 
 def _array(values: object, spec: TensorSpec, where: str) -> np.ndarray:
     """Values for one input; `{"b64": ...}` leaves become bytes (encoded images, strings)."""
-    if spec.image is None and not spec.dtype.is_bytes:
+    if not spec.dtype.is_bytes and (spec.image is None or _numeric(values)):
         return from_values(values, spec.dtype, where)
     decoded, found_bytes = _decode_b64(values, where, 0)
     if found_bytes or spec.dtype.is_bytes:
         return from_values(decoded, BYTES, where)
     return from_values(decoded, spec.dtype, where)
+
+
+def _numeric(value: object) -> bool:
+    """Whether the first leaf of nested lists is a number: an image input sent as a tensor, whose every
+    value need not be searched for `{"b64": ...}` (a mix of both is refused by the tensor's conversion)."""
+    for _ in range(33):
+        if not isinstance(value, list) or not value:
+            break
+        value = value[0]
+    return isinstance(value, int | float)
 
 
 def _decode_b64(value: object, where: str, depth: int) -> tuple[object, bool]:

@@ -12,6 +12,7 @@ from flask import Flask
 
 from models import Registry, Settings
 from tasks import TaskSettings, create_celery, db
+from tasks.cache import PredictionCache
 from tasks.items import ItemStore
 from tasks.jobs import JobStore
 from tasks.lanes import BatchQueue
@@ -50,7 +51,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app.url_map.converters["model"] = tfserving.ModelName
     for blueprint in (catalog.bp, tfserving.bp, v2.bp, jobs.bp, pipelines.bp, ensembles.bp, batch.bp):
         app.register_blueprint(blueprint)
-    app.wsgi_app = DataPlane(registry, app.wsgi_app, web_settings.max_request_bytes)  # type: ignore[method-assign]
+    cache_client = redis.Redis.from_url(task_settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    cache = app.extensions["cache"] = PredictionCache(cache_client)
+    app.config["PREDICTION_CACHE"] = web_settings.prediction_cache
+    app.wsgi_app = DataPlane(registry, app.wsgi_app, web_settings.max_request_bytes,  # type: ignore[method-assign]
+                             cache if web_settings.prediction_cache else None)
     return app
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response
+import redis
+from flask import Blueprint, Response, current_app
 
 from models import Model
 from models.tensor import TensorSpec
@@ -35,6 +36,19 @@ def index() -> Response:
     })
 
 
+@bp.get("/v1/cache")
+def cache_stats() -> Response:
+    """The prediction cache: which models use it, for how long, and their hits and misses."""
+    cached = {m.spec.name: m.spec.options.cache_ttl_s for m in registry().models() if m.spec.options.cache_ttl_s > 0}
+    try:
+        counts = current_app.extensions["cache"].stats()
+    except redis.RedisError:
+        return json_response({"error": "the prediction cache's Redis is unreachable; predictions go on uncached"},
+                             503, {"Retry-After": "5"})
+    return json_response({"enabled": current_app.config["PREDICTION_CACHE"], "models": {
+        name: {"ttl_s": ttl, **counts.get(name, {"hits": 0, "misses": 0})} for name, ttl in cached.items()}})
+
+
 @bp.get("/openapi.json")
 def openapi_document() -> Response:
     """The OpenAPI 3 description of this API."""
@@ -51,7 +65,9 @@ def _entry(model: Model, roles: list[str]) -> dict:
         "inputs": [_tensor(t) for t in spec.inputs],
         "outputs": [_tensor(t) for t in spec.outputs],
         "labels": list(spec.labels),
-        "patterns": [*PATTERNS, *(["prep-pred"] if spec.takes_images else []), *roles],
+        "patterns": [*PATTERNS, *(["prep-pred"] if spec.takes_images else []),
+                     *(["prediction-cache"] if spec.options.cache_ttl_s > 0 else []), "batch", *roles],
+        "cache_ttl_s": spec.options.cache_ttl_s,
     }
 
 

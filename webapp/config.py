@@ -15,6 +15,8 @@ class WebSettings:
     """MAX_REQUEST_BYTES: largest request body, also once decompressed; larger bodies get 413."""
     log_level: str = "INFO"
     """LOG_LEVEL: level of the platform's own log lines."""
+    prediction_cache: bool = True
+    """PREDICTION_CACHE: cache synchronous predictions of models whose spec sets `cache_ttl_s` (`on` or `off`)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WebSettings:
@@ -22,4 +24,5 @@ class WebSettings:
         return cls(
             max_request_bytes=int(env.get("MAX_REQUEST_BYTES", cls.max_request_bytes)),
             log_level=env.get("LOG_LEVEL", cls.log_level).upper(),
+            prediction_cache=env.get("PREDICTION_CACHE", "on").lower() not in ("off", "0", "false", "no"),
         )

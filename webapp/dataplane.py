@@ -18,6 +18,7 @@ import orjson
 
 import models
 from models import Registry, answer, instances
+from tasks.cache import PredictionCache
 from webapp import v2_codec, wire
 from webapp.errors import BadRequest, PayloadTooLarge, RequestError, status_of
 
@@ -49,8 +50,9 @@ Route = tuple[Callable[["models.ModelVersion", Call], Reply], re.Match]
 class DataPlane:
     """WSGI middleware answering the inference routes; everything else goes on to `fallback`."""
 
-    def __init__(self, registry: Registry, fallback: WSGIApp, max_body_bytes: int):
-        self.registry, self.fallback, self.max_body_bytes = registry, fallback, max_body_bytes
+    def __init__(self, registry: Registry, fallback: WSGIApp, max_body_bytes: int,
+                 cache: PredictionCache | None = None):
+        self.registry, self.fallback, self.max_body_bytes, self.cache = registry, fallback, max_body_bytes, cache
         self.routes = ((PREDICT, self.predict), (INFER, self.infer))
 
     def route(self, path: str) -> Route | None:
@@ -98,19 +100,27 @@ class DataPlane:
         """TensorFlow Serving REST: row or columnar JSON in, predictions or outputs out."""
         data = self._body(call, binary_ok=False)
         inputs, rows = instances.parse(wire.json_object(data), found)
-        outputs = models.predict(found, inputs)
+        outputs, headers = self._outputs(found, inputs)
         wanted = found.spec.output_names
         shaped = (answer.rows if rows else answer.columns)(outputs, wanted)
-        return 200, orjson.dumps(shaped, option=orjson.OPT_SERIALIZE_NUMPY), JSON, {}
+        return 200, orjson.dumps(shaped, option=orjson.OPT_SERIALIZE_NUMPY), JSON, headers
 
     def infer(self, found: models.ModelVersion, call: Call) -> Reply:
         """Open Inference Protocol V2: JSON or binary tensors in and out."""
         data = self._body(call, binary_ok=True)
         parsed = v2_codec.parse(data, call.header_length, found)
-        body, header_length = v2_codec.response(found, parsed, models.predict(found, parsed.inputs))
+        outputs, headers = self._outputs(found, parsed.inputs)
+        body, header_length = v2_codec.response(found, parsed, outputs)
         if not header_length:
-            return 200, body, JSON, {}
-        return 200, body, "application/octet-stream", {v2_codec.HEADER: str(header_length)}
+            return 200, body, JSON, headers
+        return 200, body, "application/octet-stream", {v2_codec.HEADER: str(header_length), **headers}
+
+    def _outputs(self, found: models.ModelVersion, inputs: dict) -> tuple[dict, dict[str, str]]:
+        """The prediction, through the prediction cache for a model whose spec turns it on."""
+        if self.cache is None or found.spec.options.cache_ttl_s <= 0:
+            return models.predict(found, inputs), {}
+        answered = self.cache.predict(found, inputs)
+        return answered.outputs, {"X-Cache": answered.outcome.value}
 
     def _body(self, call: Call, binary_ok: bool) -> bytes:
         mimetype = call.content_type.split(";", 1)[0].strip().lower()

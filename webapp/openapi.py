@@ -70,6 +70,7 @@ def document() -> dict[str, Any]:
     obj = {"type": "object"}
     paths: dict[str, Any] = {
         "/v1/models": _get("List models with versions, signatures and patterns", obj),
+        "/v1/cache": _get("The prediction cache: models, TTLs, hits and misses", obj, 503),
         "/v2": _get("Server metadata", obj, 400),
         "/v2/health/live": _get("Liveness", obj),
         "/v2/health/ready": _get("Readiness", obj, 503),

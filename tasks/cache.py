@@ -1,0 +1,186 @@
+"""The prediction cache pattern: outputs in Redis, keyed by model, version and a hash of the input tensors.
+
+A model's spec turns it on with `options.cache_ttl_s`. The key holds the model's name and version, a
+fingerprint of the version's artefact and spec (a version replaced in place never serves the old one's
+answers) and `models.tensor.digest` of the request's tensors. One Lua script looks up, counts the hit or
+miss, and on a miss takes the key's compute lock: of concurrent identical misses, one runs the model and
+the others wait a moment for its answer (single flight). Redis unreachable: predictions are served
+uncached, and Redis is left alone for `RETRY_S` before it is tried again, so no request waits on it twice.
+A miss waits on Redis once, for the lookup: the answer is stored (and the lock released) by a thread of
+the process's own, after the request is answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TypeVar
+
+import numpy as np
+import redis
+
+import models
+from models.tensor import digest, pack, unpack
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+STATS = "cache:stats"
+RETRY_S = 5.0
+LOCK_MS = 10_000
+"""Longest a miss holds its key's compute lock; waiters give up and compute themselves after WAIT_S."""
+WAIT_S = 2.0
+_LOOKUP = """
+local value = redis.call('GET', KEYS[1])
+if value then
+  redis.call('HINCRBY', KEYS[3], ARGV[2] .. ':hits', 1)
+  return {1, value}
+end
+redis.call('HINCRBY', KEYS[3], ARGV[2] .. ':misses', 1)
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return {0} end
+return {2}
+"""
+_STORE = """
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('DEL', KEYS[2])
+"""
+
+
+class Outcome(StrEnum):
+    """How a prediction was answered, as the `X-Cache` header says it."""
+
+    HIT = "HIT"
+    MISS = "MISS"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A prediction's outputs and whether they came from the cache."""
+
+    outputs: dict[str, np.ndarray]
+    outcome: Outcome
+
+
+class PredictionCache:
+    """Cached predictions on one Redis."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        self._lookup = client.register_script(_LOOKUP)
+        self._store = client.register_script(_STORE)
+        self._down_until = 0.0
+        self._fingerprints: dict[int, tuple[models.ModelVersion, str]] = {}
+        self._lock = threading.Lock()
+        self._writer = Writer(client)
+
+    def predict(self, version: models.ModelVersion, inputs: dict[str, np.ndarray]) -> Answer:
+        """The version's outputs for `inputs`: from the cache when it holds them, else computed and stored."""
+        ttl_s = version.spec.options.cache_ttl_s
+        if ttl_s <= 0 or time.monotonic() < self._down_until:
+            return Answer(models.predict(version, inputs), Outcome.MISS)
+        key = f"cache:{version.name}:{version.number}:{self._fingerprint(version)}:{digest(inputs)}"
+        found = self._redis(lambda: self._lookup(keys=[key, key + ":lock", STATS], args=[LOCK_MS, version.name]))
+        if found is not None and found[0] == 1:
+            return Answer(unpack(found[1]), Outcome.HIT)
+        if found is not None and found[0] == 2 and (waited := self._wait(key)) is not None:
+            return Answer(unpack(waited), Outcome.HIT)
+        outputs = models.predict(version, inputs)
+        if found is not None:
+            self._later(key, pack(outputs), int(ttl_s * 1000))
+        return Answer(outputs, Outcome.MISS)
+
+    def _later(self, key: str, packed: bytes, ttl_ms: int) -> None:
+        """Send the store without waiting for Redis's reply; the replies are read on later stores."""
+        with self._lock:
+            try:
+                self._writer.send("EVALSHA", self._store.sha, 2, key, key + ":lock", packed, ttl_ms)
+            except redis.RedisError as exc:
+                self._bypass(exc)
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Hits and misses counted per model, across every web process."""
+        counts: dict[str, dict[str, int]] = {}
+        for field, value in self.client.hgetall(STATS).items():
+            model, _, kind = field.decode().rpartition(":")
+            counts.setdefault(model, {"hits": 0, "misses": 0})[kind] = int(value)
+        return counts
+
+    def _wait(self, key: str) -> bytes | None:
+        """Another process is computing this answer: poll for it a while."""
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            time.sleep(0.002)
+            value, locked = self._redis(lambda: self.client.pipeline().get(key).exists(key + ":lock").execute()) \
+                or (None, 0)
+            if value is not None or not locked:
+                return value
+        return None
+
+    def _redis(self, call: Callable[[], T]) -> T | None:
+        """Run one Redis call; on a Redis error leave Redis alone for RETRY_S and answer None."""
+        try:
+            return call()
+        except redis.RedisError as exc:
+            self._bypass(exc)
+            return None
+
+    def _bypass(self, exc: Exception) -> None:
+        self._down_until = time.monotonic() + RETRY_S
+        log.warning("prediction cache bypassed for %.0f s: %s", RETRY_S, exc)
+
+    def _fingerprint(self, version: models.ModelVersion) -> str:
+        """What tells this artefact and spec apart from any other loaded under the same version number."""
+        known = self._fingerprints.get(id(version))
+        if known is not None and known[0] is version:
+            return known[1]
+        try:
+            text = repr(version.stamp).encode() + version.spec.path.read_bytes()
+        except OSError:  # the spec file went away meanwhile: the artefact's stamp still tells versions apart
+            text = repr(version.stamp).encode()
+        fingerprint = hashlib.sha1(text).hexdigest()[:12]
+        with self._lock:
+            if len(self._fingerprints) > 1024:
+                self._fingerprints.clear()
+            self._fingerprints[id(version)] = (version, fingerprint)
+        return fingerprint
+
+
+class Writer:
+    """One connection of its own that sends commands without waiting for their replies, reading those
+    that have arrived before each new command, so a miss's store never holds up the request."""
+
+    MAX_PENDING = 256
+    DRAIN_AT = 32
+    """Replies are read once this many are owed, not after every command: fewer syscalls per miss."""
+
+    def __init__(self, client: redis.Redis):
+        self.client = client
+        self.connection: redis.connection.AbstractConnection | None = None
+        self.pending = 0
+
+    def send(self, *command: object) -> None:
+        """Send one command; a reply of an earlier one that reports an error is logged."""
+        if self.connection is None:
+            self.connection = self.client.connection_pool.make_connection()
+        try:
+            if self.pending >= self.DRAIN_AT:
+                self.drain(block=self.pending >= self.MAX_PENDING)
+            self.connection.send_command(*command)
+            self.pending += 1
+        except redis.RedisError:
+            self.connection.disconnect()
+            self.pending = 0
+            raise
+
+    def drain(self, block: bool = False) -> None:
+        """Read the replies that have come (all of them, with `block`)."""
+        while self.connection is not None and self.pending and (block or self.connection.can_read(timeout=0)):
+            self.pending -= 1
+            try:
+                self.connection.read_response()
+            except redis.ResponseError as exc:  # e.g. NOSCRIPT after a Redis restart: that answer goes uncached
+                log.warning("prediction cache: a store failed: %s", exc)

@@ -1,0 +1,159 @@
+"""The prediction cache on the real Redis: hits, misses, versions, single flight, counters, Redis down."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+from sklearn.datasets import load_digits
+
+import models
+from models.config import PACKAGE_DIR
+from samples import error_of
+from tasks import cache as cache_module
+from tasks.cache import STATS, Outcome
+from webapp import create_app
+
+ROWS = load_digits().data.astype(np.float32)
+
+
+@pytest.fixture
+def fresh(redis_url: str) -> Iterator[redis.Redis]:
+    """The test Redis with no cached predictions and no counts."""
+    client = redis.Redis.from_url(redis_url)
+    for key in client.scan_iter("cache:*"):
+        client.delete(key)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A scratch repository holding copies of digits-heavy (cached) and iris (not cached)."""
+    for name in ("digits-heavy", "iris"):
+        shutil.copytree(PACKAGE_DIR / name, tmp_path / name)
+    return tmp_path
+
+
+@pytest.fixture
+def app(repo: Path, fresh: redis.Redis, redis_url: str) -> Flask:
+    return create_app({"TESTING": True, "models_dir": repo, "reload_interval_s": 0.0, "redis_url": redis_url})
+
+
+def predict(client: FlaskClient, rows: np.ndarray, path: str = "/v1/models/digits-heavy:predict"):
+    response = client.post(path, json={"instances": rows.tolist()})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    return response
+
+
+def test_the_second_identical_prediction_is_a_hit_with_the_same_answer(app: Flask):
+    client = app.test_client()
+    first, second = predict(client, ROWS[:5]), predict(client, ROWS[:5])
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
+    assert first.get_json() == second.get_json()
+    assert [p["label"] for p in second.get_json()["predictions"]] == list(load_digits().target[:5])
+    assert predict(client, ROWS[5:10]).headers["X-Cache"] == "MISS"
+    columnar = client.post("/v1/models/digits-heavy:predict", json={"inputs": ROWS[:5].tolist()})
+    assert columnar.headers["X-Cache"] == "HIT"  # same tensors, other wire format
+    assert columnar.get_json()["outputs"]["label"] == [p["label"] for p in first.get_json()["predictions"]]
+
+
+def test_v2_shares_the_cache_and_keeps_its_own_answer_shape(app: Flask):
+    client = app.test_client()
+    predict(client, ROWS[:3])
+    body = {"inputs": [{"name": "pixels", "shape": [3, 64], "datatype": "FP32", "data": ROWS[:3].ravel().tolist()}],
+            "outputs": [{"name": "label"}]}
+    answer = client.post("/v2/models/digits-heavy/infer", json=body)
+    assert answer.headers["X-Cache"] == "HIT"
+    assert [o["name"] for o in answer.get_json()["outputs"]] == ["label"]
+
+
+def test_a_model_without_a_cache_ttl_is_never_cached(app: Flask, fresh: redis.Redis):
+    client = app.test_client()
+    for _ in range(2):
+        response = client.post("/v1/models/iris:predict", json={"instances": [[5.1, 3.5, 1.4, 0.2]]})
+        assert response.status_code == 200 and "X-Cache" not in response.headers
+    assert not list(fresh.scan_iter("cache:iris:*"))
+
+
+def test_entries_expire_after_the_spec_s_ttl(app: Flask, fresh: redis.Redis):
+    predict(app.test_client(), ROWS[:2])
+    (key,) = [k for k in fresh.scan_iter("cache:digits-heavy:*") if not k.endswith(b":lock")]
+    assert 0 < fresh.pttl(key) <= 300_000
+
+
+def test_a_new_version_never_serves_the_old_one_s_answers(app: Flask, repo: Path):
+    client = app.test_client()
+    predict(client, ROWS[:4])
+    shutil.copytree(repo / "digits-heavy" / "1", repo / "digits-heavy" / "2")
+    assert predict(client, ROWS[:4]).headers["X-Cache"] == "MISS"  # the default is now version 2
+    assert predict(client, ROWS[:4], "/v1/models/digits-heavy/versions/1:predict").headers["X-Cache"] == "HIT"
+    assert predict(client, ROWS[:4]).headers["X-Cache"] == "HIT"
+
+
+def test_an_artefact_replaced_in_place_never_serves_the_old_answers(app: Flask, repo: Path):
+    client = app.test_client()
+    predict(client, ROWS[:4])
+    artefact = repo / "digits-heavy" / "1" / "model.onnx"
+    data = artefact.read_bytes()
+    artefact.unlink()
+    artefact.write_bytes(data)  # same bytes, a new file: what a redeploy of version 1 looks like
+    assert predict(client, ROWS[:4]).headers["X-Cache"] == "MISS"
+
+
+def test_hits_and_misses_are_counted(app: Flask):
+    client = app.test_client()
+    for rows in (ROWS[:2], ROWS[:2], ROWS[:2], ROWS[2:4]):
+        predict(client, rows)
+    stats = client.get("/v1/cache").get_json()
+    assert stats["enabled"] is True
+    assert stats["models"]["digits-heavy"] == {"ttl_s": 300.0, "hits": 2, "misses": 2}
+    assert "iris" not in stats["models"]
+
+
+def test_concurrent_identical_misses_run_the_model_once(app: Flask, monkeypatch: pytest.MonkeyPatch):
+    calls, original = [], models.predict
+
+    def slow_predict(version: models.ModelVersion, inputs: dict) -> dict:
+        calls.append(1)
+        time.sleep(0.3)
+        return original(version, inputs)
+
+    monkeypatch.setattr(cache_module.models, "predict", slow_predict)
+    cache, version = app.extensions["cache"], app.extensions["registry"].get("digits-heavy")
+    answers: list = []
+    threads = [threading.Thread(target=lambda: answers.append(cache.predict(version, {"pixels": ROWS[:3]})))
+               for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1
+    assert sorted(a.outcome for a in answers) == [Outcome.HIT] * 5 + [Outcome.MISS]
+    assert all(np.array_equal(a.outputs["label"], answers[0].outputs["label"]) for a in answers)
+
+
+def test_with_redis_down_predictions_are_served_uncached(repo: Path):
+    app = create_app({"TESTING": True, "models_dir": repo, "redis_url": "redis://127.0.0.1:1/0"})
+    client = app.test_client()
+    for _ in range(2):
+        response = predict(client, ROWS[:2])
+        assert response.headers["X-Cache"] == "MISS"
+    assert app.extensions["cache"]._down_until > time.monotonic()  # Redis is left alone for a while
+    assert "unreachable" in error_of(client.get("/v1/cache"), 503)
+
+
+def test_the_cache_can_be_turned_off(repo: Path, fresh: redis.Redis, redis_url: str):
+    app = create_app({"TESTING": True, "models_dir": repo, "redis_url": redis_url, "prediction_cache": False})
+    client = app.test_client()
+    assert "X-Cache" not in predict(client, ROWS[:2]).headers
+    assert client.get("/v1/cache").get_json()["enabled"] is False
+    assert not fresh.exists(STATS)
