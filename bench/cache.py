@@ -1,4 +1,4 @@
-"""Prediction-cache benchmark: hits, misses and no cache at all, server side, on `digits-heavy`.
+"""Cache benchmarks, server side: the prediction cache on `digits-heavy`, the data cache on `digits-light`.
 
 One run measures, in interleaved rounds, the time the web process's data plane takes to answer a
 `POST /v1/models/digits-heavy:predict` (body parse, the cache lookup, the model, the answer's bytes; no
@@ -9,6 +9,8 @@ HTTP transport), called in-process with a real Redis, for requests of each `--ro
 - hit: the cache on, the same request again and again after one warm-up.
 The miss and no-cache points send the same stream of unique bodies. Ratios are medians of the per-round
 ratios of medians; targets: a hit at least 5x faster than a miss, a miss at most 1.05x the no-cache time.
+Then, for the data cache, `digits-light` requests of `--images` PNG digits: sent as `{"b64"}` instances every
+time, against `{"data_ids": [...]}` naming the same images stored once (`POST /v1/data`) and warmed.
 
 Run it as a module from the repository root (`python -m bench.cache --help`).
 """
@@ -16,21 +18,28 @@ Run it as a module from the repository root (`python -m bench.cache --help`).
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
+import io
 import statistics
+import tempfile
 import time
 
 import numpy as np
 import orjson
 import redis
+from flask import Flask
+from PIL import Image
 from sklearn.datasets import load_digits
 
 from bench import report
 from bench.servers import ROOT
+from tasks import db
 from webapp import create_app
 from webapp.dataplane import Call, DataPlane
 
 PATH = "/v1/models/digits-heavy:predict"
+DATA_PATH = "/v1/models/digits-light:predict"
 
 
 def arguments() -> argparse.Namespace:
@@ -38,6 +47,7 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--rows", default="1,10,100", help="rows per request, one point each")
     parser.add_argument("--requests", type=int, default=300, help="requests per point and round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--images", default="1,10", help="images per request of the data-cache points")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/6")
     return parser.parse_args()
 
@@ -59,16 +69,16 @@ class Requests:
         return orjson.dumps({"instances": self.data.tolist()})
 
 
-def timed(plane: DataPlane, bodies: list[bytes]) -> float:
+def timed(plane: DataPlane, bodies: list[bytes], path: str = PATH) -> float:
     """The median seconds the data plane takes to answer each body."""
-    route = plane.route(PATH)
+    route = plane.route(path)
     took = []
     for body in bodies:
         started = time.perf_counter()
         status, *_ = plane.respond(route, Call("POST", body, "application/json"))
         took.append(time.perf_counter() - started)
         if status != 200:
-            raise SystemExit(f"{PATH} answered {status}")
+            raise SystemExit(f"{path} answered {status}")
     return statistics.median(took)
 
 
@@ -103,11 +113,49 @@ def main() -> None:
         lines.append(f"{rows} rows: no cache {statistics.median(none) * 1e3:.3f} ms, miss "
                      f"{statistics.median(miss) * 1e3:.3f} ms ({overhead:.3f}x, target <= 1.05x), hit "
                      f"{statistics.median(hit) * 1e3:.3f} ms ({speedup:.1f}x faster than a miss, target >= 5x)")
+    url = f"sqlite:///{tempfile.mkdtemp(prefix='bench-cache-')}/data.db"
+    db.upgrade(url)
+    stored, data_lines = data_cache(create_app({"redis_url": args.redis_url, "database_url": url}), args)
+    lines += data_lines
     print("\n".join(lines))
     document = {"rows": sizes, "requests": args.requests, "rounds": args.rounds, "medians_s": medians,
-                "figures": figures, "summary": lines, "environment": report.environment("bench/cache.py")}
+                "figures": figures, "data_cache": stored, "summary": lines,
+                "environment": report.environment("bench/cache.py")}
     path = report.save(document, datetime.datetime.now(datetime.UTC), "cache")
     print(f"results written to {path.relative_to(ROOT)}")
+
+
+def digit_png(pixels: np.ndarray) -> bytes:
+    """One of scikit-learn's 8x8 digits drawn as a 64x64 PNG, dark ink on white."""
+    ink = Image.fromarray(np.rint(255 - pixels.reshape(8, 8) * 255 / 16).astype(np.uint8), "L")
+    out = io.BytesIO()
+    ink.resize((64, 64), Image.Resampling.NEAREST).save(out, "PNG")
+    return out.getvalue()
+
+
+def data_cache(app: Flask, args: argparse.Namespace) -> tuple[dict, list[str]]:
+    """Requests of stored, warmed images by id against the same images sent every time."""
+    digits, store = load_digits().data, app.extensions["data"]
+    version = app.extensions["registry"].get("digits-light")
+    pngs = [digit_png(digits[i]) for i in range(max(int(n) for n in args.images.split(",")))]
+    ids = [store.put("image", png, "image/png")["data_id"] for png in pngs]
+    store.prepared(version, ids)  # warm
+    medians: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        for n in (int(n) for n in args.images.split(",")):
+            sent = orjson.dumps({"instances": [{"b64": base64.b64encode(p).decode()} for p in pngs[:n]]})
+            by_id = orjson.dumps({"data_ids": ids[:n]})
+            for name, body in ((f"images-{n}", sent), (f"ids-{n}", by_id)):
+                medians.setdefault(name, []).append(timed(app.wsgi_app, [body] * args.requests, DATA_PATH))
+    figures, lines = {}, []
+    for n in (int(n) for n in args.images.split(",")):
+        sent, by_id = medians[f"images-{n}"], medians[f"ids-{n}"]
+        speedup = statistics.median(s / i for s, i in zip(sent, by_id, strict=True))
+        figures[str(n)] = {"images_ms": statistics.median(sent) * 1e3, "data_ids_ms": statistics.median(by_id) * 1e3,
+                           "speedup": speedup}
+        lines.append(f"{n} image(s): sent every time {statistics.median(sent) * 1e3:.3f} ms, by data_id on a warm "
+                     f"cache {statistics.median(by_id) * 1e3:.3f} ms ({speedup:.1f}x faster)")
+    return {"medians_s": medians, "figures": figures}, lines
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ if the call refuses the lot, they are run one by one, so a bad item fails alone,
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import orjson
@@ -21,26 +20,13 @@ Outcome = tuple[bool, str]
 """(True, the prediction's JSON) or (False, the reason it failed)."""
 
 
-def encode(instance: object, nonfinite: bool = False) -> str:
-    """One instance as it is stored: JSON; with `nonfinite`, NaN and Infinity stay tokens (orjson writes null)."""
-    return json.dumps(instance, separators=(",", ":")) if nonfinite else orjson.dumps(instance).decode()
-
-
-def decode(text: str | bytes) -> object:
-    """A stored instance's value."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)  # NaN or Infinity tokens, which orjson does not read
-
-
 def predict_json(version: ModelVersion, texts: Sequence[str | bytes]) -> list[Outcome]:
     """Predict each JSON instance; answer, in order, its prediction's JSON or the reason it failed."""
     decoded: list[object] = []
     outcomes: list[Outcome | None] = []
     for text in texts:
         try:
-            decoded.append(decode(text))
+            decoded.append(instances.decode(text))
             outcomes.append(None)
         except ValueError as exc:
             outcomes.append((False, f"the stored input is not JSON: {exc}"))

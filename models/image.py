@@ -53,6 +53,15 @@ class ImagePipeline:
         return array.transpose(2, 0, 1) if self.layout == "NCHW" else array
 
 
+def identify(data: bytes) -> str:
+    """The format of an encoded image, read from its header alone; InvalidInput if it is none Pillow reads."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.format or "unknown"
+    except Exception:
+        raise InvalidInput("not an image in a format that can be decoded") from None
+
+
 def decode(data: bytes, max_pixels: int) -> Image.Image:
     """Decode any format Pillow reads, refusing oversized images before their pixels are read."""
     try:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from typing import Any
 
 import numpy as np
+import orjson
 
 from models.dtype import BYTES
 from models.errors import InvalidInput
@@ -105,3 +107,33 @@ def _decode_b64(value: object, where: str, depth: int) -> tuple[object, bool]:
         items = [_decode_b64(v, where, depth + 1) for v in value]
         return [v for v, _ in items], any(found for _, found in items)
     return value, False
+
+
+def encode(instance: object, nonfinite: bool = False) -> str:
+    """One instance as it is stored: JSON; with `nonfinite`, NaN and Infinity stay tokens (orjson writes null)."""
+    return json.dumps(instance, separators=(",", ":")) if nonfinite else orjson.dumps(instance).decode()
+
+
+def decode(text: str | bytes) -> object:
+    """A stored instance's value."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)  # NaN or Infinity tokens, which orjson does not read
+
+
+def from_stored(version: ModelVersion, kind: str, content: bytes) -> dict[str, np.ndarray]:
+    """A stored raw input as the arrays of one instance: an encoded image for the model's one image
+    input (kind `image`), or the JSON of a row-format instance (kind `instance`)."""
+    if kind == "image":
+        takes = [t for t in version.spec.inputs if t.image is not None or t.dtype.is_bytes]
+        if len(version.spec.inputs) != 1 or not takes:
+            raise InvalidInput(f"model {version.name!r} does not take a single image input")
+        array = np.empty(1, dtype=object)
+        array[0] = content
+        return {takes[0].name: array}
+    try:
+        value = decode(content)
+    except ValueError:
+        raise InvalidInput("the stored instance is not JSON") from None
+    return parse({"instances": [value]}, version)[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import threading
@@ -40,6 +41,15 @@ class ModelVersion:
     def name(self) -> str:
         """The model's name."""
         return self.spec.name
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """What tells this artefact and spec apart from any other served under the same version number:
+        caches key on it, so a version redeployed in place never meets the old one's entries."""
+        text = repr(self.stamp).encode()
+        with contextlib.suppress(OSError):  # the spec file gone meanwhile: the artefact's stamp still differs
+            text += self.spec.path.read_bytes()
+        return hashlib.sha1(text).hexdigest()[:12]
 
 
 @dataclass(frozen=True)

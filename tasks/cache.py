@@ -12,7 +12,6 @@ the process's own, after the request is answered.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -72,18 +71,17 @@ class PredictionCache:
         self.client = client
         self._lookup = client.register_script(_LOOKUP)
         self._store = client.register_script(_STORE)
-        self._down_until = 0.0
-        self._fingerprints: dict[int, tuple[models.ModelVersion, str]] = {}
+        self.breaker = Breaker("prediction cache")
         self._lock = threading.Lock()
         self._writer = Writer(client)
 
     def predict(self, version: models.ModelVersion, inputs: dict[str, np.ndarray]) -> Answer:
         """The version's outputs for `inputs`: from the cache when it holds them, else computed and stored."""
         ttl_s = version.spec.options.cache_ttl_s
-        if ttl_s <= 0 or time.monotonic() < self._down_until:
+        if ttl_s <= 0 or self.breaker.open:
             return Answer(models.predict(version, inputs), Outcome.MISS)
-        key = f"cache:{version.name}:{version.number}:{self._fingerprint(version)}:{digest(inputs)}"
-        found = self._redis(lambda: self._lookup(keys=[key, key + ":lock", STATS], args=[LOCK_MS, version.name]))
+        key = f"cache:{version.name}:{version.number}:{version.fingerprint}:{digest(inputs)}"
+        found = self.breaker.call(lambda: self._lookup(keys=[key, key + ":lock", STATS], args=[LOCK_MS, version.name]))
         if found is not None and found[0] == 1:
             return Answer(unpack(found[1]), Outcome.HIT)
         if found is not None and found[0] == 2 and (waited := self._wait(key)) is not None:
@@ -99,7 +97,7 @@ class PredictionCache:
             try:
                 self._writer.send("EVALSHA", self._store.sha, 2, key, key + ":lock", packed, ttl_ms)
             except redis.RedisError as exc:
-                self._bypass(exc)
+                self.breaker.trip(exc)
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Hits and misses counted per model, across every web process."""
@@ -114,39 +112,38 @@ class PredictionCache:
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             time.sleep(0.002)
-            value, locked = self._redis(lambda: self.client.pipeline().get(key).exists(key + ":lock").execute()) \
+            value, locked = self.breaker.call(lambda: self.client.pipeline().get(key).exists(key + ":lock").execute()) \
                 or (None, 0)
             if value is not None or not locked:
                 return value
         return None
 
-    def _redis(self, call: Callable[[], T]) -> T | None:
-        """Run one Redis call; on a Redis error leave Redis alone for RETRY_S and answer None."""
+
+class Breaker:
+    """Calls to a Redis that may be down: after a failure, none for RETRY_S, so no request waits on it twice."""
+
+    def __init__(self, what: str):
+        self.what, self.until = what, 0.0
+
+    @property
+    def open(self) -> bool:
+        """Whether Redis is being left alone right now."""
+        return time.monotonic() < self.until
+
+    def call(self, call: Callable[[], T]) -> T | None:
+        """Run one Redis call; None if it failed or Redis is being left alone."""
+        if self.open:
+            return None
         try:
             return call()
         except redis.RedisError as exc:
-            self._bypass(exc)
+            self.trip(exc)
             return None
 
-    def _bypass(self, exc: Exception) -> None:
-        self._down_until = time.monotonic() + RETRY_S
-        log.warning("prediction cache bypassed for %.0f s: %s", RETRY_S, exc)
-
-    def _fingerprint(self, version: models.ModelVersion) -> str:
-        """What tells this artefact and spec apart from any other loaded under the same version number."""
-        known = self._fingerprints.get(id(version))
-        if known is not None and known[0] is version:
-            return known[1]
-        try:
-            text = repr(version.stamp).encode() + version.spec.path.read_bytes()
-        except OSError:  # the spec file went away meanwhile: the artefact's stamp still tells versions apart
-            text = repr(version.stamp).encode()
-        fingerprint = hashlib.sha1(text).hexdigest()[:12]
-        with self._lock:
-            if len(self._fingerprints) > 1024:
-                self._fingerprints.clear()
-            self._fingerprints[id(version)] = (version, fingerprint)
-        return fingerprint
+    def trip(self, exc: Exception) -> None:
+        """Leave Redis alone for RETRY_S after `exc`."""
+        self.until = time.monotonic() + RETRY_S
+        log.warning("%s bypassed for %.0f s: %s", self.what, RETRY_S, exc)
 
 
 class Writer:

@@ -39,6 +39,8 @@ class TaskSettings:
     """BATCH_RECONCILE_S: how often beat's reconciler looks for lost items and stalled runs."""
     batch_schedule: str = ""
     """BATCH_SCHEDULE: scheduled runs, `model=<crontab or seconds>` separated by `;`."""
+    data_cache_ttl_s: int = 3600
+    """DATA_CACHE_TTL_S: how long a stored input's preprocessed tensor stays cached in Redis."""
     flower_user: str = "admin"
     """FLOWER_USER: Flower's basic-auth user."""
     flower_password: str = "admin"
@@ -62,6 +64,7 @@ class TaskSettings:
             batch_item_lease_s=float(env.get("BATCH_ITEM_LEASE_S", cls.batch_item_lease_s)),
             batch_reconcile_s=float(env.get("BATCH_RECONCILE_S", cls.batch_reconcile_s)),
             batch_schedule=env.get("BATCH_SCHEDULE", cls.batch_schedule),
+            data_cache_ttl_s=int(env.get("DATA_CACHE_TTL_S", cls.data_cache_ttl_s)),
             flower_user=env.get("FLOWER_USER", cls.flower_user),
             flower_password=env.get("FLOWER_PASSWORD", cls.flower_password),
         )

@@ -23,6 +23,7 @@ Json = sa.Text().with_variant(mysql.MEDIUMTEXT(), *MYSQL)
 """A prediction or an error: JSON text, up to 16 MiB on MySQL."""
 Input = sa.Text().with_variant(mysql.LONGTEXT(), *MYSQL)
 """An instance as a client sends it (an encoded image included)."""
+Blob = sa.LargeBinary().with_variant(mysql.LONGBLOB(), *MYSQL)
 
 metadata = sa.MetaData(naming_convention={
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -74,6 +75,18 @@ runs = sa.Table(
 )
 """One row per run. `active` holds the model's name while the run is queued or running, and is unique,
 so a model never has two runs at once; (`model`, `period`) is unique, so a schedule fires once a period."""
+
+
+data = sa.Table(
+    "data_items", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("content", Blob, nullable=False),
+    sa.Column("content_type", sa.String(100), nullable=False),
+    sa.Column("size", sa.Integer, nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+)
+"""Raw inputs of the data-cache pattern, by random id: an encoded image, or the JSON of one instance."""
 
 
 def create_engine(url: str) -> sa.Engine:

@@ -13,11 +13,12 @@ from flask import Flask
 from models import Registry, Settings
 from tasks import TaskSettings, create_celery, db
 from tasks.cache import PredictionCache
+from tasks.data import DataStore
 from tasks.items import ItemStore
 from tasks.jobs import JobStore
 from tasks.lanes import BatchQueue
 from tasks.runs import RunStore
-from webapp import batch, catalog, ensembles, errors, jobs, pipelines, tfserving, v2
+from webapp import batch, catalog, data, ensembles, errors, jobs, pipelines, tfserving, v2
 from webapp.config import WebSettings
 from webapp.dataplane import DataPlane
 
@@ -49,13 +50,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
         logging.getLogger(name).setLevel(web_settings.log_level)
     errors.register(app)
     app.url_map.converters["model"] = tfserving.ModelName
-    for blueprint in (catalog.bp, tfserving.bp, v2.bp, jobs.bp, pipelines.bp, ensembles.bp, batch.bp):
+    for blueprint in (catalog.bp, tfserving.bp, v2.bp, jobs.bp, pipelines.bp, ensembles.bp, batch.bp, data.bp):
         app.register_blueprint(blueprint)
     cache_client = redis.Redis.from_url(task_settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
     cache = app.extensions["cache"] = PredictionCache(cache_client)
     app.config["PREDICTION_CACHE"] = web_settings.prediction_cache
+    stored = app.extensions["data"] = DataStore(engine, cache_client, task_settings.data_cache_ttl_s)
     app.wsgi_app = DataPlane(registry, app.wsgi_app, web_settings.max_request_bytes,  # type: ignore[method-assign]
-                             cache if web_settings.prediction_cache else None)
+                             cache if web_settings.prediction_cache else None, stored)
     return app
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from flask import Blueprint, Response, current_app, request, url_for
 
 import models
-from models import batch, instances
+from models import instances
 from tasks.items import ItemStore
 from tasks.runs import RunRefused, RunStore
 from tasks.status import JobStatus
@@ -35,7 +35,7 @@ def register() -> Response:
         raise PayloadTooLarge(f"{len(given)} items in one request; register at most {limit} at a time")
     models.prepare(found, instances.parse({"instances": given}, found)[0], images=False)
     nonfinite = any(t.allow_nonfinite for t in found.spec.inputs)
-    ids = _items().register(found.name, found.number, [batch.encode(i, nonfinite) for i in given])
+    ids = _items().register(found.name, found.number, [instances.encode(i, nonfinite) for i in given])
     return json_response({"model": found.name, "version": found.number, "count": len(ids), "ids": ids}, 201)
 
 

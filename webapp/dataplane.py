@@ -19,7 +19,9 @@ import orjson
 import models
 from models import Registry, answer, instances
 from tasks.cache import PredictionCache
+from tasks.data import DataStore
 from webapp import v2_codec, wire
+from webapp.data import inputs_of as stored_inputs
 from webapp.errors import BadRequest, PayloadTooLarge, RequestError, status_of
 
 log = logging.getLogger(__name__)
@@ -51,8 +53,9 @@ class DataPlane:
     """WSGI middleware answering the inference routes; everything else goes on to `fallback`."""
 
     def __init__(self, registry: Registry, fallback: WSGIApp, max_body_bytes: int,
-                 cache: PredictionCache | None = None):
-        self.registry, self.fallback, self.max_body_bytes, self.cache = registry, fallback, max_body_bytes, cache
+                 cache: PredictionCache | None = None, stored: DataStore | None = None):
+        self.registry, self.fallback, self.max_body_bytes = registry, fallback, max_body_bytes
+        self.cache, self.stored = cache, stored
         self.routes = ((PREDICT, self.predict), (INFER, self.infer))
 
     def route(self, path: str) -> Route | None:
@@ -91,15 +94,18 @@ class DataPlane:
             return handler(found, call)
         except Exception as exc:
             status = status_of(exc)
-            if status >= 500 and not isinstance(exc, models.ModelError):
+            if status == 500 and not isinstance(exc, models.ModelError):
                 log.exception("unhandled error on %s", match.string)
                 return status, _error(f"internal error: {type(exc).__name__}"), JSON, {}
             return status, _error(str(exc)), JSON, {}
 
     def predict(self, found: models.ModelVersion, call: Call) -> Reply:
         """TensorFlow Serving REST: row or columnar JSON in, predictions or outputs out."""
-        data = self._body(call, binary_ok=False)
-        inputs, rows = instances.parse(wire.json_object(data), found)
+        body = wire.json_object(self._body(call, binary_ok=False))
+        if "data_ids" in body and self.stored is not None:  # the data cache pattern: inputs stored by id
+            inputs, rows = stored_inputs(self.stored, found, body), True
+        else:
+            inputs, rows = instances.parse(body, found)
         outputs, headers = self._outputs(found, inputs)
         wanted = found.spec.output_names
         shaped = (answer.rows if rows else answer.columns)(outputs, wanted)

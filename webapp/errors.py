@@ -11,6 +11,7 @@ from flask import Flask, Response, current_app
 from werkzeug.exceptions import HTTPException
 
 import models
+from tasks.data import DataNotFound, StoreUnavailable
 from tasks.items import ItemNotFound
 from tasks.jobs import JobExpired, JobNotFound
 from tasks.runs import RunNotFound
@@ -51,6 +52,8 @@ STATUS: dict[type[Exception], int] = {
     JobNotFound: 404,
     JobExpired: 410,
     ItemNotFound: 404,
+    DataNotFound: 404,
+    StoreUnavailable: 503,
     RunNotFound: 404,
     models.ModelNotFound: 404,
     models.VersionNotFound: 404,
@@ -75,6 +78,8 @@ def register(app: Flask) -> None:
     app.register_error_handler(JobNotFound, _known)
     app.register_error_handler(JobExpired, _known)
     app.register_error_handler(ItemNotFound, _known)
+    app.register_error_handler(DataNotFound, _known)
+    app.register_error_handler(StoreUnavailable, _known)
     app.register_error_handler(RunNotFound, _known)
     app.register_error_handler(sa.exc.DBAPIError, _store_down)
     app.register_error_handler(redis.RedisError, _queue_down)

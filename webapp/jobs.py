@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, request, url_for
 import models
 from models import instances
 from tasks import submission
-from webapp import ensembles, wire
+from webapp import data, ensembles, wire
 from webapp.errors import BadRequest, Conflict
 from webapp.repository import registry, store
 from webapp.responses import json_response
@@ -29,7 +29,10 @@ def submit(name: str, version: int | None = None) -> Response:
     else:
         body = wire.json_object(wire.read(request))
         callback = body.pop("callback_url", None)
-        inputs, rows = instances.parse(body, found)
+        if "data_ids" in body:  # the data cache pattern: inputs stored by id, preprocessed once
+            inputs, rows = data.inputs_of(current_app.extensions["data"], found, body), True
+        else:
+            inputs, rows = instances.parse(body, found)
     models.prepare(found, inputs, images=False)
     rid, extensions = wire.request_id(request), current_app.extensions
     job = submission.submit(extensions["celery"], store(), extensions["batches"], found, inputs,

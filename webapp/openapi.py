@@ -98,6 +98,7 @@ def document() -> dict[str, Any]:
                      "responses": {"200": _json(_schema("Job"), "OK"), **_errors(404, 409, 410)}}
     paths["/v1/jobs/{job_id}"] = {verb: {**op, "parameters": [JOB_ID]} for verb, op in job.items()}
     _batch(paths)
+    _data(paths)
     _versioned(paths, "/v2/models/{name}", _get("Model metadata", obj, 404))
     _versioned(paths, "/v2/models/{name}", _get("Model readiness", obj, 404, 503), "/ready")
     _versioned(paths, "/v2/models/{name}", _post("Infer (Open Inference Protocol V2)", _schema("V2Infer"),
@@ -127,6 +128,20 @@ def _batch(paths: dict[str, Any]) -> None:
     paths["/v1/batch/runs"] = {**trigger, **history}
     paths["/v1/batch/runs/{run_id}"] = {"get": {**_get("A batch run's progress", obj, 404, 503)["get"],
                                                 "parameters": [RUN_ID]}}
+
+
+def _data(paths: dict[str, Any]) -> None:
+    """The data cache pattern's paths: stored inputs and their warm-up."""
+    obj = {"type": "object"}
+    stored = _post("Store a raw input (an image, or one instance) by id", _schema("DataInput"), obj, status="201")
+    content = stored["post"]["requestBody"]["content"]
+    content["image/png"] = content["application/octet-stream"] = {"schema": BINARY}
+    content["multipart/form-data"] = {"schema": {"type": "object", "description": "one image file"}}
+    paths["/v1/data"] = stored
+    data_id = {"name": "data_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    paths["/v1/data/{data_id}"] = {"get": {**_get("A stored input's record", obj, 404, 503)["get"],
+                                           "parameters": [data_id]}}
+    paths["/v1/data:warm"] = _post("Preprocess stored inputs for a model now", _schema("DataWarm"), obj)
 
 
 def _schema(name: str) -> dict:
@@ -213,6 +228,18 @@ SCHEMAS["BatchItems"] = {
     "type": "object", "required": ["model", "instances"], "additionalProperties": False,
     "properties": {"model": {"type": "string"}, "version": {"type": "integer", "minimum": 1},
                    "instances": SCHEMAS["TFPredict"]["properties"]["instances"]},
+}
+_DATA_IDS = {"type": "array", "minItems": 1, "items": {"type": "string"},
+             "description": "ids of stored inputs (POST /v1/data), one instance each"}
+SCHEMAS["TFPredict"]["properties"]["data_ids"] = _DATA_IDS
+SCHEMAS["TFPredict"]["oneOf"].append({"required": ["data_ids"]})
+SCHEMAS["DataInput"] = {"oneOf": [
+    {"type": "object", "required": ["instance"], "properties": {"instance": _VALUE}, "additionalProperties": False},
+    _B64,
+]}
+SCHEMAS["DataWarm"] = {
+    "type": "object", "required": ["model", "data_ids"], "additionalProperties": False,
+    "properties": {"model": {"type": "string"}, "version": {"type": "integer", "minimum": 1}, "data_ids": _DATA_IDS},
 }
 SCHEMAS["BatchRun"] = {"type": "object", "required": ["model"], "additionalProperties": False,
                        "properties": {"model": {"type": "string"}}}
