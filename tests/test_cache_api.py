@@ -157,3 +157,23 @@ def test_the_cache_can_be_turned_off(repo: Path, fresh: redis.Redis, redis_url: 
     assert "X-Cache" not in predict(client, ROWS[:2]).headers
     assert client.get("/v1/cache").get_json()["enabled"] is False
     assert not fresh.exists(STATS)
+
+
+@pytest.mark.integration
+def test_both_caches_through_the_real_web_process(live_server: str, fresh: redis.Redis):
+    import requests
+
+    from samples import digit_png
+
+    rows = ROWS[:20].tolist()
+    first, second = (requests.post(f"{live_server}/v1/models/digits-heavy:predict", json={"instances": rows},
+                                   timeout=10) for _ in range(2))
+    assert (first.headers["X-Cache"], second.headers["X-Cache"]) == ("MISS", "HIT")
+    assert first.json() == second.json()
+    stored = requests.post(f"{live_server}/v1/data", data=digit_png(ROWS[4]), timeout=10,
+                           headers={"Content-Type": "image/png"})
+    assert stored.status_code == 201, stored.text
+    by_id = requests.post(f"{live_server}/v1/models/digits-heavy:predict", timeout=10,
+                          json={"data_ids": [stored.json()["data_id"]]})
+    assert by_id.status_code == 200 and by_id.json()["predictions"][0]["label"] == 4
+    assert list(fresh.scan_iter("data:digits-heavy:*"))

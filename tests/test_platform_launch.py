@@ -161,6 +161,16 @@ def test_make_run_serves_queues_and_shows_flower_then_stops_on_ctrl_c(platform: 
     assert any("queued" in line for line in log_lines) and any("finished" in line for line in log_lines), log_lines
     assert _flower_saw(platform, "predict_batch")
 
+    unique = [[time.time_ns() % 10**9 / 10**9 * 16] + [0.0] * 63]  # never cached by an earlier run on this Redis
+    caching = [requests.post(f"{platform.web}/v1/models/digits-heavy:predict", json={"instances": unique},
+                             timeout=10).headers.get("X-Cache") for _ in range(2)]
+    assert caching == ["MISS", "HIT"]
+    stored = requests.post(f"{platform.web}/v1/data", json={"instance": unique[0]}, timeout=10)
+    assert stored.status_code == 201, stored.text
+    by_id = requests.post(f"{platform.web}/v1/models/digits-heavy:predict", timeout=10,
+                          json={"data_ids": [stored.json()["data_id"]]})
+    assert by_id.status_code == 200 and by_id.headers["X-Cache"] == "HIT"  # the same tensor as just before
+
     run = _batch_run(platform)
     assert (run["status"], run["succeeded"]) == ("succeeded", 2), run
     assert _flower_saw(platform, "batch_chunk")
