@@ -60,10 +60,11 @@ def batch_chunk(self: Task, run_id: int, first: int, last: int) -> dict[str, Any
     held = store.reclaim(run.model, span, self.request.id) if self.request.retries else []
     claimed = held + store.claim(run.id, run.model, span, self.request.id, chunk_rows() - len(held))
     predictions, errors = _predict(run.model, claimed)
-    complete = store.finish(run.id, self.request.id, predictions, errors)
-    if complete or not claimed:
+    progress = store.finish(run.id, self.request.id, predictions, errors)
+    if progress.complete or not claimed:
         runs().finish_if_done(run.id)
-    return {"run_id": run_id, "rows": len(claimed), "succeeded": len(predictions), "failed": len(errors)}
+    return {"run_id": run_id, "rows": len(claimed), "succeeded": len(predictions), "failed": len(errors),
+            "run_done": progress.succeeded + progress.failed, "run_total": progress.total}  # Flower shows this
 
 
 @shared_task(name="batch_reconcile", bind=True, ignore_result=True)

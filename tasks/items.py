@@ -45,6 +45,20 @@ class Claimed:
     input: str
 
 
+@dataclass(frozen=True)
+class Progress:
+    """A run's counts."""
+
+    total: int
+    succeeded: int
+    failed: int
+
+    @property
+    def complete(self) -> bool:
+        """Whether every item of the run's total has an outcome."""
+        return self.succeeded + self.failed >= self.total
+
+
 class ItemStore:
     """Batch items on one engine."""
 
@@ -128,9 +142,9 @@ class ItemStore:
             item["retries_left"] = max(self.max_attempts - item["attempts"], 0)
         return item
 
-    def finish(self, run_id: int, token: str, predictions: dict[int, str], errors: dict[int, str]) -> bool:
+    def finish(self, run_id: int, token: str, predictions: dict[int, str], errors: dict[int, str]) -> Progress:
         """Write a chunk's predictions and errors to the rows it still holds and count them into the run;
-        answer whether the run's counts now reach its total."""
+        answer the run's counts after it."""
         finished = now()
         with self.engine.begin() as connection:
             done = self._write(connection, token, SUCCEEDED, "prediction", predictions, finished)
@@ -140,7 +154,7 @@ class ItemStore:
             connection.execute(counts)
             row = connection.execute(sa.select(runs.c.total, runs.c.succeeded, runs.c.failed)
                                      .where(runs.c.id == run_id)).one()
-        return row.succeeded + row.failed >= row.total
+        return Progress(row.total, row.succeeded, row.failed)
 
     def _write(self, connection: sa.Connection, token: str, status: str, column: str, values: dict[int, str],
                finished: datetime.datetime) -> int:

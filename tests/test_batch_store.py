@@ -78,8 +78,8 @@ def test_a_write_back_lands_only_where_the_claim_still_holds(engine: sa.Engine):
     assert items.expire_leases(["iris"]) == {run_id: 3}
     second = items.claim(run_id, "iris", (0, run.high_water), "second", 10)
     assert [i.id for i in second] == [i.id for i in first] and attempts(engine) == {2}
-    assert not items.finish(run_id, "first", {i.id: '"late"' for i in first}, {})
-    assert items.finish(run_id, "second", {i.id: '"fresh"' for i in second}, {})
+    assert not items.finish(run_id, "first", {i.id: '"late"' for i in first}, {}).complete
+    assert items.finish(run_id, "second", {i.id: '"fresh"' for i in second}, {}).complete
     with engine.connect() as connection:
         assert connection.execute(sa.select(db.items.c.prediction).distinct()).scalars().all() == ['"fresh"']
     assert (runs.get(run_id).succeeded, runs.get(run_id).failed) == (3, 0)
@@ -119,7 +119,7 @@ def test_a_run_takes_in_only_what_was_queued_when_it_started(engine: sa.Engine):
     run = runs.get(run_id)
     claimed = items.claim(run_id, "iris", (0, run.high_water), "t", 100)
     assert len(claimed) == 4
-    assert items.finish(run_id, "t", {i.id: "1" for i in claimed}, {})
+    assert items.finish(run_id, "t", {i.id: "1" for i in claimed}, {}).complete
     assert runs.finish_if_done(run_id)
     assert runs.get(runs.create("iris", "test").id).total == 0
     assert runs.start(runs.active_of("iris")).total == 2
