@@ -3,8 +3,8 @@
 One run, in interleaved rounds, on a scratch database (`platform_bench` beside the test one):
 - the floor, on one connection and on as many connections as our worker processes: read every row's input
   in chunks (by primary-key range) and write each a prediction-sized JSON, its status and finish time, with the
-  same driver (PyMySQL through SQLAlchemy) and the same UPDATE our chunks write with; no claim, no model, no
-  Celery;
+  same driver (PyMySQL through SQLAlchemy) and the same UPDATEs our chunks write with (`WRITE_ROWS` rows a
+  statement); no claim, no model, no Celery;
 - ours: a real `celery worker -Q batch -c N` for each N asked, the run triggered as `POST /v1/batch/runs`
   triggers it, timed from the trigger until the run's row says it has finished.
 Registering the rows and putting them back to `queued` between points are not timed. Before anything is
@@ -38,7 +38,7 @@ from sklearn.datasets import load_iris
 from bench import report
 from bench.servers import ROOT, stop
 from tasks import TaskSettings, create_celery, db
-from tasks.items import ItemStore
+from tasks.items import WRITE_ROWS, ItemStore
 from tasks.runs import RunStore
 
 SCRATCH = "platform_bench"
@@ -50,7 +50,8 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", default="1,2", help="worker processes of each point of ours")
-    parser.add_argument("--chunk", type=int, default=1000, help="BATCH_CHUNK_ROWS, also the floor's chunk")
+    parser.add_argument("--chunk", type=int, default=TaskSettings.batch_chunk_rows,
+                        help="BATCH_CHUNK_ROWS, also the floor's chunk")
     parser.add_argument("--database-url", default=os.environ.get("TEST_DATABASE_URL",
                                                                    "mysql+pymysql://root@127.0.0.1:3306/test"))
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/7")
@@ -103,12 +104,13 @@ def floor_part(url: str, first: int, last: int, chunk: int, prediction: str, rea
             got = connection.execute(sa.select(items.c.id, items.c.input)
                                      .where(items.c.id.between(start, min(start + chunk - 1, last)))).all()
             ids = [row.id for row in got]
-            if not ids:
-                continue
-            cases = " ".join(f"WHEN {mark} THEN {mark}" for _ in ids)
-            sql = (f"UPDATE batch_items SET status = 'succeeded', prediction = CASE id {cases} END, "
-                   f"finished_at = {mark} WHERE id BETWEEN {mark} AND {mark}")
-            connection.exec_driver_sql(sql, (*(v for i in ids for v in (i, prediction)), finished, ids[0], ids[-1]))
+            for offset in range(0, len(ids), WRITE_ROWS):  # as many rows a statement as our write-back takes
+                part = ids[offset:offset + WRITE_ROWS]
+                cases = " ".join(f"WHEN {mark} THEN {mark}" for _ in part)
+                sql = (f"UPDATE batch_items SET status = 'succeeded', prediction = CASE id {cases} END, "
+                       f"finished_at = {mark} WHERE id BETWEEN {mark} AND {mark}")
+                params = (*(v for i in part for v in (i, prediction)), finished, part[0], part[-1])
+                connection.exec_driver_sql(sql, params)
     engine.dispose()
 
 

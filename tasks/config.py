@@ -27,7 +27,7 @@ class TaskSettings:
     """BATCHING: coalesce queued jobs of one model version into one runtime call (`on` or `off`)."""
     batch_lease_s: float = 60.0
     """BATCH_LEASE_S: a batch's jobs not finished this long after they were taken are put back in line."""
-    batch_chunk_rows: int = 1000
+    batch_chunk_rows: int = 2000
     """BATCH_CHUNK_ROWS: items one batch-run task claims and predicts in one runtime call."""
     batch_max_items: int = 10_000
     """BATCH_MAX_ITEMS: most items one `POST /v1/batch/items` may register."""

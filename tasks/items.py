@@ -23,6 +23,8 @@ from tasks.status import JobStatus
 
 QUEUED, RUNNING = JobStatus.QUEUED.value, JobStatus.RUNNING.value
 SUCCEEDED, FAILED = JobStatus.SUCCEEDED.value, JobStatus.FAILED.value
+WRITE_ROWS = 250
+"""Rows one write-back statement updates."""
 SHOWN = ("id", "model", "version", "status", "prediction", "error", "attempts", "run_id",
          "created_at", "started_at", "finished_at")
 COLUMNS = tuple(items.c[c] for c in SHOWN)
@@ -158,19 +160,23 @@ class ItemStore:
 
     def _write(self, connection: sa.Connection, token: str, status: str, column: str, values: dict[int, str],
                finished: datetime.datetime) -> int:
-        """One UPDATE for many rows: `column` = CASE id WHEN ... END, only where the token still holds."""
-        if not values:
-            return 0
-        mark = self._mark
-        cases = " ".join(f"WHEN {mark} THEN {mark}" for _ in values)
-        other = "error" if column == "prediction" else "prediction"
-        spans = runs_of(sorted(values))
-        sql = (f"UPDATE batch_items SET status = {mark}, {column} = CASE id {cases} END, {other} = NULL, "
-               f"finished_at = {mark}, claim = NULL, leased_until = NULL WHERE claim = {mark} AND status = {mark} "
-               f"AND ({' OR '.join([f'id BETWEEN {mark} AND {mark}'] * len(spans))})")
-        params = (status, *(v for pair in values.items() for v in pair), finished, token, RUNNING,
-                  *(end for span in spans for end in span))
-        return connection.exec_driver_sql(sql, params).rowcount
+        """UPDATEs of many rows each, `column` = CASE id WHEN ... END, only where the token still holds.
+
+        A CASE is searched row by row, so one statement costs the square of its rows: WRITE_ROWS at a time.
+        """
+        mark, other, written = self._mark, "error" if column == "prediction" else "prediction", 0
+        pairs = sorted(values.items())
+        for start in range(0, len(pairs), WRITE_ROWS):
+            part = pairs[start:start + WRITE_ROWS]
+            spans = runs_of([i for i, _ in part])
+            sql = (f"UPDATE batch_items SET status = {mark}, {column} = CASE id "
+                   f"{' '.join([f'WHEN {mark} THEN {mark}'] * len(part))} END, {other} = NULL, finished_at = {mark}, "
+                   f"claim = NULL, leased_until = NULL WHERE claim = {mark} AND status = {mark} "
+                   f"AND ({' OR '.join([f'id BETWEEN {mark} AND {mark}'] * len(spans))})")
+            params = (status, *(v for pair in part for v in pair), finished, token, RUNNING,
+                      *(end for span in spans for end in span))
+            written += connection.exec_driver_sql(sql, params).rowcount
+        return written
 
     def expire_leases(self, models: list[str], limit: int = 10_000) -> dict[int, int]:
         """Return the models' items whose lease ran out to `queued` (to `failed` once out of attempts),
