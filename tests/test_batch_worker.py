@@ -92,9 +92,16 @@ def test_ten_thousand_items_are_predicted_by_one_run(client: FlaskClient, worker
     instances = rows(10_000)
     ids = register(client, instances)
     assert len(set(ids)) == 10_000
+    with batch_tables.begin() as connection:  # rows another system wrote, wrong: each fails alone, with its reason
+        bad = [connection.execute(db.items.insert().values(model="iris", version=1, input=text, status="queued",
+                                                           created_at=db.now())).inserted_primary_key[0]
+               for text in ("[1, 2, 3]", "not json")]
     started = client.post("/v1/batch/runs", json={"model": "iris"}).get_json()
     run = finished(client, started["status_url"])
-    assert (run["status"], run["total"], run["succeeded"], run["failed"]) == ("succeeded", 10_000, 10_000, 0)
+    assert (run["status"], run["total"], run["succeeded"], run["failed"]) == ("succeeded", 10_002, 10_000, 2)
+    failed = [client.get(f"/v1/batch/items/{i}").get_json() for i in bad]
+    assert [f["status"] for f in failed] == ["failed", "failed"]
+    assert "shape" in failed[0]["error"] and "not JSON" in failed[1]["error"]
     stored = outcomes(batch_tables)
     for item_id, wanted in zip(ids, expected(client, instances), strict=True):
         status, attempts, prediction = stored[item_id]
