@@ -85,11 +85,11 @@ def document() -> dict[str, Any]:
         "properties": {"callback_url": {"type": "string", "format": "uri"}},
     }}
     _versioned(paths, "/v1/models/{name}", submit, ":submit")
-    pipeline = _post("Sync-async: the light model's answer now, the heavy model's job", _schema("JobSubmit"),
+    pipeline = _post("Sync-async: the light model's answer now, the heavy model's job", _schema("PipelineSubmit"),
                      _schema("PipelineAnswer"))
     pipeline["post"]["responses"]["202"] = _json(_schema("PipelineAnswer"), "the job only: the light model failed")
     paths["/v1/pipelines/{name}:predict"] = {"post": {**pipeline["post"], "parameters": [NAME]}}
-    fan_out = _post("Horizontal microservice: members in parallel, their aggregate", _schema("TFPredict"),
+    fan_out = _post("Horizontal microservice: members in parallel, their aggregate", _schema("TFBody"),
                     _schema("EnsembleAnswer"))
     fan_out["post"]["responses"]["202"] = _json(_schema("JobAccepted"), "past the overall timeout: a job to poll")
     paths["/v1/ensembles/{name}:predict"] = {"post": {**fan_out["post"], "parameters": [NAME]}}
@@ -229,6 +229,9 @@ SCHEMAS["BatchItems"] = {
     "properties": {"model": {"type": "string"}, "version": {"type": "integer", "minimum": 1},
                    "instances": SCHEMAS["TFPredict"]["properties"]["instances"]},
 }
+SCHEMAS["TFBody"] = {**SCHEMAS["TFPredict"], "oneOf": list(SCHEMAS["TFPredict"]["oneOf"]),
+                     "properties": dict(SCHEMAS["TFPredict"]["properties"])}
+"""A TF Serving body with inline inputs only (the ensembles and pipelines take no stored inputs)."""
 _DATA_IDS = {"type": "array", "minItems": 1, "items": {"type": "string"},
              "description": "ids of stored inputs (POST /v1/data), one instance each"}
 SCHEMAS["TFPredict"]["properties"]["data_ids"] = _DATA_IDS
@@ -248,6 +251,10 @@ SCHEMAS["RunAccepted"] = {"type": "object", "required": ["run_id", "status_url"]
 SCHEMAS["JobSubmit"] = {
     **SCHEMAS["TFPredict"],
     "properties": {**SCHEMAS["TFPredict"]["properties"], "callback_url": {"type": "string", "format": "uri"}},
+}
+SCHEMAS["PipelineSubmit"] = {
+    **SCHEMAS["TFBody"],
+    "properties": {**SCHEMAS["TFBody"]["properties"], "callback_url": {"type": "string", "format": "uri"}},
 }
 SCHEMAS["PipelineAnswer"] = {
     "type": "object",
