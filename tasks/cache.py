@@ -43,10 +43,6 @@ redis.call('HINCRBY', KEYS[3], ARGV[2] .. ':misses', 1)
 if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return {0} end
 return {2}
 """
-_STORE = """
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('DEL', KEYS[2])
-"""
 
 
 class Outcome(StrEnum):
@@ -70,7 +66,6 @@ class PredictionCache:
     def __init__(self, client: redis.Redis):
         self.client = client
         self._lookup = client.register_script(_LOOKUP)
-        self._store = client.register_script(_STORE)
         self.breaker = Breaker("prediction cache")
         self._lock = threading.Lock()
         self._writer = Writer(client)
@@ -92,10 +87,10 @@ class PredictionCache:
         return Answer(outputs, Outcome.MISS)
 
     def _later(self, key: str, packed: bytes, ttl_ms: int) -> None:
-        """Send the store without waiting for Redis's reply; the replies are read on later stores."""
+        """Store the answer and release its lock without waiting for Redis's replies (read on later stores)."""
         with self._lock:
             try:
-                self._writer.send("EVALSHA", self._store.sha, 2, key, key + ":lock", packed, ttl_ms)
+                self._writer.send(("SET", key, packed, "PX", ttl_ms), ("DEL", key + ":lock"))
             except redis.RedisError as exc:
                 self.breaker.trip(exc)
 
@@ -159,15 +154,15 @@ class Writer:
         self.connection: redis.connection.AbstractConnection | None = None
         self.pending = 0
 
-    def send(self, *command: object) -> None:
-        """Send one command; a reply of an earlier one that reports an error is logged."""
+    def send(self, *commands: tuple[object, ...]) -> None:
+        """Send commands in one write; a reply of an earlier one that reports an error is logged."""
         if self.connection is None:
             self.connection = self.client.connection_pool.make_connection()
         try:
             if self.pending >= self.DRAIN_AT:
                 self.drain(block=self.pending >= self.MAX_PENDING)
-            self.connection.send_command(*command)
-            self.pending += 1
+            self.connection.send_packed_command(self.connection.pack_commands(commands))
+            self.pending += len(commands)
         except redis.RedisError:
             self.connection.disconnect()
             self.pending = 0
@@ -179,5 +174,5 @@ class Writer:
             self.pending -= 1
             try:
                 self.connection.read_response()
-            except redis.ResponseError as exc:  # e.g. NOSCRIPT after a Redis restart: that answer goes uncached
+            except redis.ResponseError as exc:  # e.g. out of memory: that answer goes uncached
                 log.warning("prediction cache: a store failed: %s", exc)

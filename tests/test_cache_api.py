@@ -29,6 +29,7 @@ ROWS = load_digits().data.astype(np.float32)
 def fresh(redis_url: str) -> Iterator[redis.Redis]:
     """The test Redis with no cached predictions and no counts."""
     client = redis.Redis.from_url(redis_url)
+    client.script_flush()  # as on a Redis just started: no script of ours is loaded there yet
     for key in client.scan_iter("cache:*"):
         client.delete(key)
     yield client
