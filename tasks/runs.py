@@ -111,21 +111,24 @@ class RunStore:
         return [Run(**r._asdict()) for r in rows], total
 
     def start(self, run_id: int) -> Run | None:
-        """Queue the model's retryable failures again, fix the run's scope and total, mark it running;
-        None if the run is not queued (started already, or finished)."""
+        """Mark a queued run running, queue the model's retryable failures again and fix the run's scope and
+        total, in one transaction; None if the run is not queued (a duplicate start finds it taken)."""
         run = self.get(run_id)
         of_model = items.c.model == run.model
         with self.engine.begin() as connection:
+            started = now()
+            taken = runs.update().where(runs.c.id == run_id, runs.c.status == QUEUED).values(
+                status=RUNNING, started_at=started, updated_at=started)
+            if connection.execute(taken).rowcount != 1:
+                return None
             retry = items.update().where(of_model, items.c.status == FAILED, items.c.attempts < self.max_attempts)
             connection.execute(retry.values(status=QUEUED))
             high = connection.execute(sa.select(sa.func.max(items.c.id)).where(of_model)).scalar() or 0
             count = sa.select(sa.func.count()).select_from(items).where(
                 of_model, items.c.status == QUEUED, items.c.id <= high)
             total = connection.execute(count).scalar_one()
-            started = now()
-            changed = connection.execute(runs.update().where(runs.c.id == run_id, runs.c.status == QUEUED).values(
-                status=RUNNING, high_water=high, total=total, started_at=started, updated_at=started)).rowcount
-        return self.get(run_id) if changed else None
+            connection.execute(runs.update().where(runs.c.id == run_id).values(high_water=high, total=total))
+        return self.get(run_id)
 
     def finish_if_done(self, run_id: int) -> bool:
         """Finish a running run whose scope holds nothing queued or running. Its counts are exact: every

@@ -16,15 +16,14 @@ from tasks.runs import RunRefused, RunStore
 
 
 @pytest.fixture(params=["mariadb", "sqlite"])
-def engine(request: pytest.FixtureRequest, database_url: str, tmp_path: Path) -> Iterator[sa.Engine]:
+def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sa.Engine]:
     """Empty batch tables on the test MariaDB, or in a fresh SQLite file made by the migrations."""
-    url = database_url if request.param == "mariadb" else f"sqlite:///{tmp_path / 'store.db'}"
-    if request.param == "sqlite":
-        db.upgrade(url)
+    if request.param == "mariadb":
+        yield request.getfixturevalue("batch_tables")
+        return
+    url = f"sqlite:///{tmp_path / 'store.db'}"
+    db.upgrade(url)
     engine = db.create_engine(url)
-    with engine.begin() as connection:
-        connection.execute(db.items.delete())
-        connection.execute(db.runs.delete())
     yield engine
     engine.dispose()
 
