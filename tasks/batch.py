@@ -14,6 +14,7 @@ import logging
 from collections import defaultdict
 from typing import Any
 
+import sqlalchemy as sa
 from celery import Celery, Task, shared_task
 
 import models
@@ -28,6 +29,7 @@ from tasks.runs import Run, RunRefused
 log = logging.getLogger(__name__)
 RETRIED: dict[str, Any] = {
     "bind": True, "acks_late": True, "max_retries": 3, "default_retry_delay": 1,
+    "autoretry_for": (sa.exc.OperationalError,), "retry_backoff": True, "retry_backoff_max": 30,  # a database blip
     "ignore_result": True,  # the SQL store holds every outcome; Flower shows the summary from the task's events
 }
 

@@ -225,3 +225,23 @@ def test_the_whole_pattern_on_the_embedded_sqlite(tmp_path, monkeypatch: pytest.
     assert [client.get(f"/v1/batch/items/{i}").get_json()["prediction"] for i in ids] == expected["predictions"]
     with sa.create_engine(url).connect() as connection:
         assert connection.execute(sa.select(db.items.c.status).distinct()).scalars().all() == ["succeeded"]
+
+
+def test_a_database_blip_in_a_chunk_is_retried(idle: Flask, monkeypatch: pytest.MonkeyPatch):
+    from tasks.items import ItemStore
+
+    client, original, calls = idle.test_client(), ItemStore.claim, []
+    ids = register(client, "iris", ROWS[:10].tolist())
+
+    def flaky(self: ItemStore, *args: object, **kwargs: object) -> list:
+        calls.append(1)
+        if len(calls) == 1:
+            raise sa.exc.OperationalError("SELECT ...", {}, Exception("Lost connection to server during query"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ItemStore, "claim", flaky)
+    store = idle.extensions["runs"]
+    started = store.start(store.create("iris", "api").id)
+    batch.batch_chunk.apply(args=[started.id, 0, started.high_water])  # retried in place, as a worker would
+    assert len(calls) == 2 and (store.get(started.id).status, store.get(started.id).succeeded) == ("succeeded", 10)
+    assert {client.get(f"/v1/batch/items/{i}").get_json()["status"] for i in ids} == {"succeeded"}
