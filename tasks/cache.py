@@ -6,8 +6,8 @@ answers) and `models.tensor.digest` of the request's tensors. One Lua script loo
 miss, and on a miss takes the key's compute lock: of concurrent identical misses, one runs the model and
 the others wait a moment for its answer (single flight). Redis unreachable: predictions are served
 uncached, and Redis is left alone for `RETRY_S` before it is tried again, so no request waits on it twice.
-A miss waits on Redis once, for the lookup: the answer is stored (and the lock released) by a thread of
-the process's own, after the request is answered.
+A miss waits on Redis once, for the lookup: the answer is stored and the lock released by commands sent on a
+connection of their own without waiting for the replies (`Writer`).
 """
 
 from __future__ import annotations

@@ -105,6 +105,16 @@ def _sqlite_pragmas(connection: object, _: object) -> None:
     cursor.close()
 
 
+def page(engine: sa.Engine, table: sa.Table, columns: tuple, where: list, number: int,
+         per_page: int) -> tuple[list[sa.Row], int]:
+    """Page `number` of the rows of `table` matching `where`, newest id first; and how many match in all."""
+    query = sa.select(*columns).where(*where).order_by(table.c.id.desc())
+    with engine.connect() as connection:
+        rows = connection.execute(query.limit(per_page).offset((number - 1) * per_page)).all()
+        total = connection.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one()
+    return rows, total
+
+
 def now() -> datetime.datetime:
     """The current time as the tables store it: naive UTC."""
     return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)

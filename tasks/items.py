@@ -1,11 +1,10 @@
 """Batch items in the SQL store: registered in bulk, claimed a chunk at a time, written back in bulk.
 
 An item is `queued` until a run's chunk task claims it: `running`, with the chunk's claim token and a
-lease. The chunk writes every outcome in one statement per kind, only to rows that still carry its token,
-and counts them into its run in the same transaction. An item that failed is `failed` with its reason;
+lease. The chunk writes its outcomes in bulk, only to rows that still carry its token, and counts them
+into its run in the same transaction. An item that failed is `failed` with its reason;
 while it has attempts left, the next run of its model tries it again (the partial retry). Rows whose
 lease ran out (their worker was lost) go back to `queued`, or to `failed` once out of attempts.
-
 """
 
 from __future__ import annotations
@@ -18,6 +17,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from tasks import db
 from tasks.db import MYSQL, iso, items, now, runs
 from tasks.status import JobStatus
 
@@ -92,10 +92,7 @@ class ItemStore:
         """One page of items, newest first, filtered by model and status; and how many match in all."""
         where = [column == value for column, value in ((items.c.model, model), (items.c.status, status))
                  if value is not None]
-        query = sa.select(*COLUMNS).where(*where).order_by(items.c.id.desc())
-        with self.engine.connect() as connection:
-            rows = connection.execute(query.limit(per_page).offset((page - 1) * per_page)).all()
-            total = connection.execute(sa.select(sa.func.count()).select_from(items).where(*where)).scalar_one()
+        rows, total = db.page(self.engine, items, COLUMNS, where, page, per_page)
         return [self.public(r) for r in rows], total
 
     def claim(self, run_id: int, model: str, span: Span, token: str, limit: int) -> list[Claimed]:
@@ -188,13 +185,13 @@ class ItemStore:
         with self.engine.begin() as connection:
             rows = connection.execute(query.with_for_update(skip_locked=True) if self.mysql else query).all()
             spent = [r for r in rows if r.attempts >= self.max_attempts]
-            again = [r.id for r in rows if r.attempts < self.max_attempts]
-            self._expire(connection, again, {"status": QUEUED})
+            again = [r for r in rows if r.attempts < self.max_attempts]
+            self._expire(connection, [r.id for r in again], {"status": QUEUED})
             reason = f"its worker was lost {self.max_attempts} times; given up"
             self._expire(connection, [r.id for r in spent], {"status": FAILED, "error": reason, "finished_at": now()})
             for run_id, count in Counter(r.run_id for r in spent).items():
                 connection.execute(runs.update().where(runs.c.id == run_id).values(failed=runs.c.failed + count))
-        return dict(Counter(r.run_id for r in rows if r.attempts < self.max_attempts))
+        return dict(Counter(r.run_id for r in again))
 
     @staticmethod
     def _expire(connection: sa.Connection, ids: list[int], values: dict[str, Any]) -> None:

@@ -2,8 +2,8 @@
 
 A run is created `queued`, then started: the model's failed items with attempts left are queued again
 (the partial retry), and the run takes in every queued item up to the newest id (`high_water`), which
-fixes its total. Chunk tasks count outcomes into it; the run finishes when nothing in its scope is queued
-or running, with counts read back from the items themselves.
+fixes its total. Chunk tasks count outcomes into it in the transactions that write them, so its counts are
+exact; the run finishes when nothing in its scope is queued or running.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from tasks import db
 from tasks.db import iso, items, now, runs
 from tasks.items import FAILED, QUEUED, RUNNING, Span
 from tasks.status import JobStatus
@@ -104,10 +105,7 @@ class RunStore:
     def page(self, model: str | None, page: int, per_page: int) -> tuple[list[Run], int]:
         """One page of the run history, newest first; and how many runs there are in all."""
         where = [runs.c.model == model] if model is not None else []
-        with self.engine.connect() as connection:
-            query = sa.select(runs).where(*where).order_by(runs.c.id.desc())
-            rows = connection.execute(query.limit(per_page).offset((page - 1) * per_page)).all()
-            total = connection.execute(sa.select(sa.func.count()).select_from(runs).where(*where)).scalar_one()
+        rows, total = db.page(self.engine, runs, (runs,), where, page, per_page)
         return [Run(**r._asdict()) for r in rows], total
 
     def start(self, run_id: int) -> Run | None:

@@ -25,7 +25,7 @@ MAX_PAGE, MAX_PER_PAGE = 1_000_000, 1000
 def register() -> Response:
     """Store items to predict in the model's next run: one per instance, checked against its inputs."""
     body = wire.json_object(wire.read(request))
-    found = registry().get(_model(body), _version(body))
+    found = registry().get(wire.model_name(body), wire.version_number(body))
     given = body.get("instances")
     if set(body) - {"model", "version", "instances"} or not isinstance(given, list) or not given:
         raise BadRequest("a batch registration is {\"model\", \"version\"?, \"instances\": [...]}, "
@@ -62,7 +62,7 @@ def trigger() -> Response:
     body = wire.json_object(wire.read(request))
     if set(body) - {"model"}:
         raise BadRequest(f"unknown field {sorted(set(body) - {'model'})[0]!r}; a run takes {{\"model\"}}")
-    name = registry().get(_model(body)).name
+    name = registry().get(wire.model_name(body)).name
     try:
         run = _runs().create(name, "api")
     except RunRefused as exc:
@@ -88,20 +88,6 @@ def history() -> Response:
     page, per_page = _paging()
     found, total = _runs().page(request.args.get("model"), page, per_page)
     return json_response({"runs": [r.public() for r in found], **_links("batch.history", page, per_page, total)})
-
-
-def _model(body: dict[str, Any]) -> str:
-    name = body.get("model")
-    if not isinstance(name, str) or not name:
-        raise BadRequest("'model' must name a model")
-    return name
-
-
-def _version(body: dict[str, Any]) -> int | None:
-    version = body.get("version")
-    if version is not None and (type(version) is not int or version < 1):
-        raise BadRequest("'version' must be a positive integer")
-    return version
 
 
 def _paging() -> tuple[int, int]:

@@ -54,10 +54,7 @@ def warm() -> Response:
     body = wire.json_object(wire.read(request))
     if set(body) - {"model", "version", "data_ids"}:
         raise BadRequest("a warm-up is {\"model\", \"version\"?, \"data_ids\": [...]}")
-    name, version = body.get("model"), body.get("version")
-    if not isinstance(name, str) or (version is not None and (type(version) is not int or version < 1)):
-        raise BadRequest("'model' must name a model and 'version', if given, be a positive integer")
-    found = registry().get(name, version)
+    found = registry().get(wire.model_name(body), wire.version_number(body))
     ids = data_ids(body)
     _, made = _store().prepared(found, ids)
     return json_response({"model": found.name, "version": found.number, "count": len(ids), "made": made})

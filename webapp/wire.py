@@ -75,6 +75,22 @@ def _inflate(data: bytes, wbits: int, limit: int) -> bytes:
     return out
 
 
+def model_name(body: dict[str, Any]) -> str:
+    """A body's `model`: the name of a model."""
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("'model' must name a model")
+    return name
+
+
+def version_number(body: dict[str, Any]) -> int | None:
+    """A body's optional `version`: a positive integer."""
+    version = body.get("version")
+    if version is not None and (type(version) is not int or version < 1):
+        raise BadRequest("'version' must be a positive integer")
+    return version
+
+
 def callback_url(url: object) -> str | None:
     """A callback URL: absolute http or https, of a sane length."""
     if url is None:
