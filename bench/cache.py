@@ -1,16 +1,26 @@
-"""Cache benchmarks, server side: the prediction cache on `digits-heavy`, the data cache on `digits-light`.
+"""Cache benchmarks: the prediction cache on `digits-heavy`, the data cache on `digits-light`.
 
-One run measures, in interleaved rounds, the time the web process's data plane takes to answer a
-`POST /v1/models/digits-heavy:predict` (body parse, the cache lookup, the model, the answer's bytes; no
-HTTP transport), called in-process with a real Redis, for requests of each `--rows` size:
-- no cache: the data plane built without the prediction cache;
+Prediction cache, `POST /v1/models/digits-heavy:predict` for requests of each `--rows` size, four kinds:
+- no cache: served without the prediction cache;
 - miss: the cache on, every request's rows made unique (one pixel nudged by a counter), so each one is
-  looked up, computed and stored;
-- hit: the cache on, the same request again and again after one warm-up.
-The miss and no-cache points send the same stream of unique bodies. Ratios are medians of the per-round
-ratios of medians; targets: a hit at least 5x faster than a miss, a miss at most 1.05x the no-cache time.
-Then, for the data cache, `digits-light` requests of `--images` PNG digits: sent as `{"b64"}` instances every
-time, against `{"data_ids": [...]}` naming the same images stored once (`POST /v1/data`) and warmed.
+  computed and stored;
+- hit: the cache on, the same request again and again after one warm-up (answered from the process's copy);
+- hit from Redis: the same, with the process's copy emptied before each request, as in a process that never
+  answered it (the entry another process stored); measured in process only.
+The miss and no-cache points send the same stream of unique bodies. Measured two ways, each in rounds in
+which the kinds take turns in blocks of `--block` requests (so the machine's drift falls on all alike), each
+timed block after as many untimed requests of its kind (how the cache goes to Redis follows the hit rate a
+process has seen lately: each kind is measured once that has settled):
+1. in process: the time the web process's data plane takes to answer (body parse, cache, model, answer
+   bytes; no HTTP), with a real Redis; then, untimed but recorded, what the cache does behind the answer
+   once it is sent (keep and store it: `DataPlane.after`), reported as the miss's total work;
+2. over HTTP: one keep-alive connection to each of two real web servers (`deploy/gunicorn.conf.py`, one
+   worker each), one with the cache on and one with it off, the latency each request sees.
+Ratios are medians of the per-round ratios of medians; targets: a hit at least 5x faster than a miss, a miss
+at most 1.05x the no-cache time.
+
+Data cache, `digits-light` requests of `--images` PNG digits: sent as `{"b64"}` instances every time,
+against `{"data_ids": [...]}` naming the same images stored once (`POST /v1/data`) and warmed.
 
 Run it as a module from the repository root (`python -m bench.cache --help`).
 """
@@ -19,11 +29,19 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime
+import functools
+import http.client
 import io
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import orjson
@@ -33,7 +51,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from bench import report
-from bench.servers import ROOT
+from bench.servers import ROOT, free_port, stop, wait_until_answering
 from tasks import db
 from webapp import create_app
 from webapp.dataplane import Call, DataPlane
@@ -46,81 +64,171 @@ def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", default="1,10,100", help="rows per request, one point each")
     parser.add_argument("--requests", type=int, default=300, help="requests per point and round")
+    parser.add_argument("--block", type=int, default=20, help="requests of one kind in a row")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-http", dest="http", action="store_false", help="skip the measurement over HTTP")
     parser.add_argument("--images", default="1,10", help="images per request of the data-cache points")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/6")
     return parser.parse_args()
 
 
 class Requests:
-    """Bodies of `rows` digits rows: unique ones (a counter nudges one pixel) or always the same."""
+    """Bodies of `rows` digits rows: unique ones (a counter nudges pixel `pixel` of the first row) or always
+    the same."""
 
-    def __init__(self, rows: int):
+    def __init__(self, rows: int, pixel: int = 0):
         self.data = load_digits().data.astype(np.float32)[:rows]
-        self.count = 0
+        self.count, self.pixel = 0, pixel
 
     def unique(self) -> bytes:
         self.count += 1
         data = self.data.copy()
-        data[0, 0] = self.count % 17 + (self.count // 17) * 1e-3  # still a valid 0-16 pixel scale value
+        data[0, self.pixel] = self.count % 17 + (self.count // 17) * 1e-3  # still a valid 0-16 pixel scale value
         return orjson.dumps({"instances": data.tolist()})
 
     def same(self) -> bytes:
         return orjson.dumps({"instances": self.data.tolist()})
 
 
-def timed(plane: DataPlane, bodies: list[bytes], path: str = PATH) -> float:
-    """The median seconds the data plane takes to answer each body."""
+def timed(plane: DataPlane, bodies: list[bytes], path: str = PATH, before: Callable[[], None] = lambda: None,
+          behind: list[float] | None = None) -> float:
+    """The median seconds the data plane takes to answer each body (`before` runs, untimed, ahead of each;
+    what the answer leaves to do after it is sent runs untimed, its seconds appended to `behind`)."""
     route = plane.route(path)
     took = []
     for body in bodies:
+        before()
         started = time.perf_counter()
         status, *_ = plane.respond(route, Call("POST", body, "application/json"))
-        took.append(time.perf_counter() - started)
+        answered = time.perf_counter()
+        took.append(answered - started)
+        plane.after()
+        if behind is not None:
+            behind.append(time.perf_counter() - answered)
         if status != 200:
             raise SystemExit(f"{path} answered {status}")
     return statistics.median(took)
 
 
-def main() -> None:
-    args = arguments()
-    redis.Redis.from_url(args.redis_url).flushdb()
-    cached = create_app({"redis_url": args.redis_url}).wsgi_app
+KINDS = ("none", "miss", "hit", "shared")
+
+
+def in_process(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[float]]:
+    """Per-round medians of each kind and size, and of the work behind each miss, answered in process."""
+    app = create_app({"redis_url": args.redis_url})
+    cached, local = app.wsgi_app, app.extensions["cache"].local.entries
     uncached = create_app({"redis_url": args.redis_url, "prediction_cache": False}).wsgi_app
-    sizes = [int(n) for n in args.rows.split(",")]
     medians: dict[str, list[float]] = {}
     streams = {rows: Requests(rows) for rows in sizes}  # counters run on across rounds: every miss is new
     for round_number in range(args.rounds):
         for rows in sizes:
-            requests = streams[rows]
-            fresh = [requests.unique() for _ in range(args.requests)]
-            medians.setdefault(f"none-{rows}", []).append(timed(uncached, fresh))
-            fresh = [requests.unique() for _ in range(args.requests)]
-            medians.setdefault(f"miss-{rows}", []).append(timed(cached, fresh))
-            same = [requests.same()] * args.requests
-            timed(cached, same[:1])  # the one miss that fills the entry
-            medians.setdefault(f"hit-{rows}", []).append(timed(cached, same))
-        print(f"round {round_number + 1}: " + ", ".join(f"{k} {v[-1] * 1e3:.3f} ms" for k, v in medians.items()),
-              flush=True)
+            requests, took, behind = streams[rows], {kind: [] for kind in KINDS}, []
+            same = requests.same()
+            timed(cached, [same])  # the one miss that fills the entry
+            again = functools.partial(bytes, same)
+            kinds = {"none": (uncached, requests.unique), "miss": (cached, requests.unique),
+                     "hit": (cached, again), "shared": (cached, again)}
+            for _ in range(args.requests // args.block):
+                for kind, (plane, body) in kinds.items():
+                    clear = local.clear if kind == "shared" else (lambda: None)
+                    timed(plane, [body() for _ in range(args.block)], before=clear)  # untimed: steady state
+                    for _ in range(args.block):
+                        took[kind].append(timed(plane, [body()], before=clear,
+                                                behind=behind if kind == "miss" else None))
+            for kind, seconds in took.items():
+                medians.setdefault(f"{kind}-{rows}", []).append(statistics.median(seconds))
+            medians.setdefault(f"behind-{rows}", []).append(statistics.median(behind))
+        print(f"in process, round {round_number + 1}: "
+              + ", ".join(f"{k} {v[-1] * 1e3:.3f} ms" for k, v in medians.items()), flush=True)
+    return medians
+
+
+def over_http(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[float]]:
+    """Per-round medians of each kind and size as a client sees them, from two real web servers."""
+    medians: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as logs, contextlib.ExitStack() as stack:
+        ports = {}
+        for name, switch in (("on", "on"), ("off", "off")):
+            ports[name] = free_port()
+            env = {**os.environ, "BIND": f"127.0.0.1:{ports[name]}", "WEB_CONCURRENCY": "1", "LOG_LEVEL": "warning",
+                   "REDIS_URL": args.redis_url, "PREDICTION_CACHE": switch}
+            log = stack.enter_context(open(Path(logs) / f"{name}.log", "wb"))
+            argv = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")]
+            server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            stack.callback(stop, server)
+        streams = {rows: Requests(rows, pixel=1) for rows in sizes}  # bodies the first part never sent
+        for name, port in ports.items():
+            wait_until_answering(f"http://127.0.0.1:{port}{PATH}", streams[sizes[0]].same(), Path(logs) / f"{name}.log")
+        on, off = (http.client.HTTPConnection("127.0.0.1", ports[name], timeout=30) for name in ("on", "off"))
+
+        def ask(connection: http.client.HTTPConnection, body: bytes) -> float:
+            started = time.perf_counter()
+            connection.request("POST", PATH, body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            response.read()
+            if response.status != 200:
+                raise SystemExit(f"{PATH} answered {response.status}")
+            return time.perf_counter() - started
+
+        for round_number in range(args.rounds):
+            for rows in sizes:
+                requests, took = streams[rows], {kind: [] for kind in KINDS[:3]}
+                same = requests.same()
+                ask(on, same)
+                for _ in range(args.requests // args.block):
+                    took["none"] += [ask(off, requests.unique()) for _ in range(args.block)]
+                    took["miss"] += [ask(on, requests.unique()) for _ in range(args.block)]
+                    took["hit"] += [ask(on, same) for _ in range(args.block)]
+                for kind, seconds in took.items():
+                    medians.setdefault(f"{kind}-{rows}", []).append(statistics.median(seconds))
+            print(f"over HTTP, round {round_number + 1}: "
+                  + ", ".join(f"{k} {v[-1] * 1e3:.3f} ms" for k, v in medians.items()), flush=True)
+    return medians
+
+
+def figures_of(medians: dict[str, list[float]], sizes: list[int], how: str) -> tuple[dict, list[str]]:
+    """Medians and per-round ratio medians of each size, and a line each for the summary."""
     figures, lines = {}, []
+
+    def ratio(a: str, b: str, rows: int) -> float:
+        return statistics.median(x / y for x, y in zip(medians[f"{a}-{rows}"], medians[f"{b}-{rows}"], strict=True))
+
     for rows in sizes:
-        none, miss, hit = (medians[f"{kind}-{rows}"] for kind in ("none", "miss", "hit"))
-        speedup = statistics.median(m / h for m, h in zip(miss, hit, strict=True))
-        overhead = statistics.median(m / n for m, n in zip(miss, none, strict=True))
-        figures[str(rows)] = {"none_ms": statistics.median(none) * 1e3, "miss_ms": statistics.median(miss) * 1e3,
-                              "hit_ms": statistics.median(hit) * 1e3, "hit_speedup": speedup,
-                              "miss_vs_none": overhead}
-        lines.append(f"{rows} rows: no cache {statistics.median(none) * 1e3:.3f} ms, miss "
-                     f"{statistics.median(miss) * 1e3:.3f} ms ({overhead:.3f}x, target <= 1.05x), hit "
-                     f"{statistics.median(hit) * 1e3:.3f} ms ({speedup:.1f}x faster than a miss, target >= 5x)")
+        ms = {kind: statistics.median(v) * 1e3 for kind in (*KINDS, "behind")
+              if (v := medians.get(f"{kind}-{rows}"))}
+        point = {f"{kind}_ms": value for kind, value in ms.items()}
+        point |= {"miss_vs_none": ratio("miss", "none", rows), "hit_speedup": ratio("miss", "hit", rows)}
+        line = (f"{how}, {rows} rows: no cache {ms['none']:.3f} ms, miss {ms['miss']:.3f} ms "
+                f"({point['miss_vs_none']:.3f}x, target <= 1.05x), hit {ms['hit']:.3f} ms "
+                f"({point['hit_speedup']:.1f}x faster than a miss, target >= 5x)")
+        if "shared" in ms:
+            point["shared_hit_speedup"] = ratio("miss", "shared", rows)
+            miss_work = [m + b for m, b in zip(medians[f"miss-{rows}"], medians[f"behind-{rows}"], strict=True)]
+            point["miss_work_vs_none"] = statistics.median(
+                w / n for w, n in zip(miss_work, medians[f"none-{rows}"], strict=True))
+            line += (f", hit from Redis {ms['shared']:.3f} ms ({point['shared_hit_speedup']:.1f}x); work behind a"
+                     f" miss's answer {ms['behind']:.3f} ms (answer + behind {point['miss_work_vs_none']:.3f}x)")
+        figures[str(rows)] = point
+        lines.append(line)
+    return figures, lines
+
+
+def main() -> None:
+    args = arguments()
+    redis.Redis.from_url(args.redis_url).flushdb()
+    sizes = [int(n) for n in args.rows.split(",")]
+    local = in_process(args, sizes)
+    figures, lines = figures_of(local, sizes, "in process")
+    remote = over_http(args, sizes) if args.http else {}
+    http_figures, http_lines = figures_of(remote, sizes, "over HTTP") if remote else ({}, [])
     url = f"sqlite:///{tempfile.mkdtemp(prefix='bench-cache-')}/data.db"
     db.upgrade(url)
     stored, data_lines = data_cache(create_app({"redis_url": args.redis_url, "database_url": url}), args)
-    lines += data_lines
+    lines += http_lines + data_lines
     print("\n".join(lines))
-    document = {"rows": sizes, "requests": args.requests, "rounds": args.rounds, "medians_s": medians,
-                "figures": figures, "data_cache": stored, "summary": lines,
-                "environment": report.environment("bench/cache.py")}
+    document = {"rows": sizes, "requests": args.requests, "block": args.block, "rounds": args.rounds,
+                "medians_s": local, "figures": figures, "http_medians_s": remote, "http_figures": http_figures,
+                "data_cache": stored, "summary": lines, "environment": report.environment("bench/cache.py")}
     path = report.save(document, datetime.datetime.now(datetime.UTC), "cache")
     print(f"results written to {path.relative_to(ROOT)}")
 

@@ -2,12 +2,25 @@
 
 A model's spec turns it on with `options.cache_ttl_s`. The key holds the model's name and version, a
 fingerprint of the version's artefact and spec (a version replaced in place never serves the old one's
-answers) and `models.tensor.digest` of the request's tensors. One Lua script looks up, counts the hit or
-miss, and on a miss takes the key's compute lock: of concurrent identical misses, one runs the model and
-the others wait a moment for its answer (single flight). Redis unreachable: predictions are served
-uncached, and Redis is left alone for `RETRY_S` before it is tried again, so no request waits on it twice.
-A miss waits on Redis once, for the lookup: the answer is stored and the lock released by commands sent on a
-connection of their own without waiting for the replies (`Writer`).
+answers) and `models.tensor.digest` of the request's tensors, so an entry is the one answer its key can have:
+copies of it can be stale only by age, never wrong.
+
+Two tiers. Each web process keeps the entries it stored or read lately (`Local`, bounded in bytes, each one
+dropped when its Redis copy expires), so a repeated request is answered without leaving the process; Redis
+holds them for every process. One Lua script looks up, counts the hit or miss, and on a miss takes the key's
+compute lock; it is written on the thread's own connection (`tasks.resp`) and its reply read when wanted,
+which is how a miss can proceed without waiting. How it proceeds depends on what the model costs, measured
+as it serves (`Costs`):
+- a model that costs more than `OVERLAP_BELOW` lookups waits for the lookup first: of concurrent identical
+  misses, one runs the model and the others wait a moment for its answer (single flight);
+- a cheaper one runs while its lookup is in flight, so a miss costs no round trip (waiting for another
+  process's answer would cost about as much as computing it), unless its lookups hit so often that waiting
+  for them saves more than the round trip costs.
+The answer is stored and the lock released by commands nobody waits for (their replies are read on the way to
+the next lookup's). Hits answered in-process go to Redis with the next write, within `COUNT_EVERY_S` of
+traffic (at once for `stats`). Only the graph's outputs are stored; derived ones are derived again on a hit. Redis
+unreachable: predictions are served uncached, and Redis is left alone for `RETRY_S` before it is tried
+again, so no request waits on it twice.
 """
 
 from __future__ import annotations
@@ -15,7 +28,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TypeVar
@@ -24,7 +38,9 @@ import numpy as np
 import redis
 
 import models
+from models import postprocess
 from models.tensor import digest, pack, unpack
+from tasks.resp import Line, Lines, encode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -33,16 +49,24 @@ RETRY_S = 5.0
 LOCK_MS = 10_000
 """Longest a miss holds its key's compute lock; waiters give up and compute themselves after WAIT_S."""
 WAIT_S = 2.0
+COUNT_EVERY_S = 1.0
+"""Hits answered in-process are sent with the next write to Redis, or on their own after this long."""
+OVERLAP_BELOW = 20
+"""A model run estimated below this many lookup round trips runs while its lookup is in flight."""
+SAMPLE_EVERY = 16
+"""A cheap model whose lookups hit less than once in this many skips the lookup on all but every this-many-th
+miss (its answers are still stored)."""
 _LOOKUP = """
 local value = redis.call('GET', KEYS[1])
 if value then
   redis.call('HINCRBY', KEYS[3], ARGV[2] .. ':hits', 1)
-  return {1, value}
+  return {1, value, redis.call('PTTL', KEYS[1])}
 end
 redis.call('HINCRBY', KEYS[3], ARGV[2] .. ':misses', 1)
 if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return {0} end
 return {2}
 """
+Outputs = dict[str, np.ndarray]
 
 
 class Outcome(StrEnum):
@@ -56,46 +80,172 @@ class Outcome(StrEnum):
 class Answer:
     """A prediction's outputs and whether they came from the cache."""
 
-    outputs: dict[str, np.ndarray]
+    outputs: Outputs
     outcome: Outcome
 
 
+class Lookup(StrEnum):
+    """How a miss in this process's copy goes to Redis (`Costs.lookup` chooses)."""
+
+    FIRST = "first"
+    """Wait for the lookup, then run the model: single flight, and a hit saves the whole run."""
+    OVERLAP = "overlap"
+    """Run the model while the lookup is in flight: a miss costs no round trip."""
+    SKIP = "skip"
+    """Run the model without a lookup (its lookups hardly ever hit); the answer is still stored."""
+
+
 class PredictionCache:
-    """Cached predictions on one Redis."""
+    """Cached predictions on one Redis, with a copy of the latest ones in this process."""
 
-    def __init__(self, client: redis.Redis):
+    def __init__(self, client: redis.Redis, local_bytes: int = 64 << 20):
         self.client = client
-        self._lookup = client.register_script(_LOOKUP)
         self.breaker = Breaker("prediction cache")
-        self._lock = threading.Lock()
-        self._writer = Writer(client)
+        self.local = Local(local_bytes)
+        self.costs = Costs()
+        self.lines = Lines(client)
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._counts_lock = threading.Lock()
+        self._counted_at = time.monotonic()
+        self._behind = threading.local()
 
-    def predict(self, version: models.ModelVersion, inputs: dict[str, np.ndarray]) -> Answer:
-        """The version's outputs for `inputs`: from the cache when it holds them, else computed and stored."""
+    def predict(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], behind: bool = False) -> Answer:
+        """The version's outputs for `inputs`: from the cache when it holds them, else computed and stored.
+
+        With `behind`, what is left to do once the answer is known (keeping and storing it) waits for
+        `catch_up`, which the server calls after sending the answer.
+        """
         ttl_s = version.spec.options.cache_ttl_s
-        if ttl_s <= 0 or self.breaker.open:
+        if ttl_s <= 0:
             return Answer(models.predict(version, inputs), Outcome.MISS)
+        self.catch_up()  # in case the server did not, after this thread's previous answer
         key = f"cache:{version.name}:{version.number}:{version.fingerprint}:{digest(inputs)}"
-        found = self.breaker.call(lambda: self._lookup(keys=[key, key + ":lock", STATS], args=[LOCK_MS, version.name]))
-        if found is not None and found[0] == 1:
-            return Answer(unpack(found[1]), Outcome.HIT)
-        if found is not None and found[0] == 2 and (waited := self._wait(key)) is not None:
-            return Answer(unpack(waited), Outcome.HIT)
-        outputs = models.predict(version, inputs)
-        if found is not None:
-            self._later(key, pack(outputs), int(ttl_s * 1000))
-        return Answer(outputs, Outcome.MISS)
+        if (kept := self.local.get(key)) is not None:
+            self._count(version.name, "hits")
+            return Answer(kept, Outcome.HIT)
+        if self.breaker.open:
+            return Answer(models.predict(version, inputs), Outcome.MISS)
+        rows, ttl_ms = _rows(inputs), int(ttl_s * 1000)
+        way = self.costs.lookup(version, rows)
+        line = None if way is Lookup.SKIP else \
+            self._send(("EVAL", _LOOKUP, 3, key, key + ":lock", STATS, LOCK_MS, version.name))
+        if line is None:  # not looked up, or Redis just failed
+            outputs = self._run(version, inputs, rows)
+            if way is Lookup.SKIP:
+                self._count(version.name, "misses")
+                self._finish(behind, lambda: self._store(version, key, outputs, ttl_ms, locked=False))
+            return Answer(outputs, Outcome.MISS)
+        outputs, hit, locked = self._ask(version, key, inputs, rows, ttl_ms, line, way)
+        if locked:
+            self._finish(behind, lambda: self._store(version, key, outputs, ttl_ms, locked=True))
+        return Answer(outputs, Outcome.HIT if hit else Outcome.MISS)
 
-    def _later(self, key: str, packed: bytes, ttl_ms: int) -> None:
-        """Store the answer and release its lock without waiting for Redis's replies (read on later stores)."""
-        with self._lock:
+    def _ask(self, version: models.ModelVersion, key: str, inputs: dict[str, np.ndarray], rows: int, ttl_ms: int,
+             line: Line, way: Lookup) -> tuple[Outputs, bool, bool]:
+        """The outputs, whether they were a hit, and whether this request holds the key's lock (so stores)."""
+        if way is Lookup.OVERLAP:
+            outputs = self._run(version, inputs, rows)  # while the lookup is in flight
+            found = self._reply(version, line, None)
+            if found is not None and found[0] == 1:
+                return self._kept(version, key, found[1], found[2]), True, False
+            return outputs, False, found is not None and found[0] == 0
+        found = self._reply(version, line, time.perf_counter())
+        if found is not None and found[0] == 1:
+            return self._kept(version, key, found[1], found[2]), True, False
+        if found is not None and found[0] == 2 and (waited := self._wait(key)) is not None:
+            return self._kept(version, key, waited, ttl_ms), True, False
+        return self._run(version, inputs, rows), False, found is not None and found[0] == 0
+
+    def _finish(self, behind: bool, work: Callable[[], None]) -> None:
+        """Do `work` now, or with `behind` once the answer has been sent (`catch_up`)."""
+        if not behind:
+            work()
+            return
+        pending = getattr(self._behind, "work", None)
+        if pending is None:
+            pending = self._behind.work = []
+        pending.append(work)
+
+    def catch_up(self) -> None:
+        """Do what this thread's answers left for after they were sent (keep and store them)."""
+        pending = getattr(self._behind, "work", None)
+        while pending:
+            pending.pop(0)()
+
+    def _send(self, *commands: tuple[object, ...], wanted: bool = True) -> Line | None:
+        """Write `commands` on this thread's line, with the counts taken here since the last write; None if
+        Redis failed (then left alone a while)."""
+        counts = self._take_counts()
+        line = self.lines.get()
+        try:
+            line.send(encode(*commands, *counts), [wanted] * len(commands) + [False] * len(counts))
+        except (OSError, redis.RedisError) as exc:
+            self.breaker.trip(exc)
+            return None
+        return line
+
+    def _run(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], rows: int) -> Outputs:
+        started = time.perf_counter()
+        outputs = models.predict(version, inputs)
+        self.costs.ran(version, time.perf_counter() - started, rows)
+        return outputs
+
+    def _reply(self, version: models.ModelVersion, line: Line, sent_at: float | None) -> list | None:
+        """The lookup script's reply; None when Redis failed (then left alone a while) or refused it.
+        With `sent_at`, the wait is a round trip to learn from."""
+        try:
+            reply = line.reply()
+        except (OSError, redis.RedisError) as exc:
+            self.breaker.trip(exc)
+            return None
+        if isinstance(reply, redis.ResponseError):  # e.g. out of memory: this answer goes uncached
+            log.warning("prediction cache: a lookup failed: %s", reply)
+            return None
+        self.costs.looked_up(version, None if sent_at is None else time.perf_counter() - sent_at, reply[0] == 1)
+        return reply
+
+    def _kept(self, version: models.ModelVersion, key: str, packed: bytes, ttl_ms: int) -> Outputs:
+        """A hit's outputs (the graph's, as stored, and those derived from them), kept in this process for
+        the rest of its Redis entry's life."""
+        return self.local.put(key, postprocess.derive(version.spec, unpack(packed)), ttl_ms)
+
+    def _store(self, version: models.ModelVersion, key: str, outputs: Outputs, ttl_ms: int, locked: bool) -> None:
+        """Keep the answer here, and store the graph's outputs (and release the lock) in Redis without waiting."""
+        self.local.put(key, outputs, ttl_ms)
+        stored = pack({o.name: outputs[o.name] for o in version.spec.runtime_outputs})  # derived again on a hit
+        commands = [("SET", key, stored, "PX", ttl_ms)] + ([("DEL", key + ":lock")] if locked else [])
+        if not self.breaker.open:
+            self._send(*commands, wanted=False)
+
+    def _count(self, model: str, kind: str) -> None:
+        """Count a hit or miss Redis did not see; the counts go with the next write, or alone after
+        COUNT_EVERY_S."""
+        with self._counts_lock:
+            self._counts[model, kind] += 1
+        if time.monotonic() - self._counted_at >= COUNT_EVERY_S and not self.breaker.open:
+            self._send()
+
+    def _take_counts(self) -> list[tuple[object, ...]]:
+        if not self._counts:
+            return []
+        with self._counts_lock:
+            counts, self._counts = self._counts, Counter()
+            self._counted_at = time.monotonic()
+        return [("HINCRBY", STATS, f"{model}:{kind}", n) for (model, kind), n in counts.items()]
+
+    def flush(self) -> None:
+        """Wait until this thread's stores and this process's counts have reached Redis."""
+        self.catch_up()
+        line = self._send(("PING",))
+        if line is not None:
             try:
-                self._writer.send(("SET", key, packed, "PX", ttl_ms), ("DEL", key + ":lock"))
-            except redis.RedisError as exc:
+                line.reply()
+            except (OSError, redis.RedisError) as exc:
                 self.breaker.trip(exc)
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Hits and misses counted per model, across every web process."""
+        self.flush()
         counts: dict[str, dict[str, int]] = {}
         for field, value in self.client.hgetall(STATS).items():
             model, _, kind = field.decode().rpartition(":")
@@ -112,6 +262,117 @@ class PredictionCache:
             if value is not None or not locked:
                 return value
         return None
+
+
+class Local:
+    """The entries this process stored or read lately, least recently used dropped past `max_bytes`, each one
+    kept no longer than its Redis copy. Their arrays are made read-only: every caller shares them."""
+
+    OVERHEAD = 256
+    """Bytes counted per entry beyond its arrays' (key, dict, array headers)."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.size = max_bytes, 0
+        self.entries: OrderedDict[str, tuple[float, int, Outputs]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: str) -> Outputs | None:
+        """The entry's outputs (a new dict over the shared arrays), None if not kept or expired."""
+        if not self.max_bytes:
+            return None
+        with self._lock:
+            entry = self.entries.get(key)
+            if entry is None:
+                return None
+            if entry[0] <= time.monotonic():
+                self._drop(key)
+                return None
+            self.entries.move_to_end(key)
+        return dict(entry[2])
+
+    def put(self, key: str, outputs: Outputs, ttl_ms: int) -> Outputs:
+        """Keep `outputs` for `ttl_ms`; answers them (read-only now)."""
+        for array in outputs.values():
+            array.setflags(write=False)
+        size = self.OVERHEAD + sum(_nbytes(a) for a in outputs.values())
+        if ttl_ms <= 0 or size > self.max_bytes:
+            return outputs
+        with self._lock:
+            if key in self.entries:
+                self._drop(key)
+            self.entries[key] = (time.monotonic() + ttl_ms / 1000, size, outputs)
+            self.size += size
+            while self.size > self.max_bytes:
+                self._drop(next(iter(self.entries)))
+        return outputs
+
+    def _drop(self, key: str) -> None:
+        self.size -= self.entries.pop(key)[1]
+
+
+class Costs:
+    """What each version's runs cost (per row) and how often its lookups hit, and what a lookup costs:
+    moving averages. Costs fall at once to a cheaper figure and rise slowly, so a first run that loaded the
+    session, a first lookup that connected, or a pause of the process does not stand for the usual cost.
+    Round trips are learnt from the lookups that wait for their reply."""
+
+    WEIGHT = 0.2
+
+    def __init__(self) -> None:
+        self.per_row_s: dict[tuple[str, int, str], float] = {}
+        self.hit_rate: dict[tuple[str, int, str], float] = {}
+        self.skipped: dict[tuple[str, int, str], int] = {}
+        self.round_trip_s: float | None = None
+
+    def lookup(self, version: models.ModelVersion, rows: int) -> Lookup:
+        """How a run of `rows` rows should go to Redis. FIRST until the costs are measured, for a run over
+        OVERLAP_BELOW round trips (single flight is worth its wait), and when the run's cost times the hit
+        rate (what waiting saves) passes a round trip (what it loses). Otherwise OVERLAP, or SKIP while fewer
+        than one lookup in SAMPLE_EVERY hits, with every SAMPLE_EVERY-th miss still looked up to follow the
+        hit rate."""
+        key = (version.name, version.number, version.fingerprint)
+        per_row, round_trip = self.per_row_s.get(key), self.round_trip_s
+        if per_row is None or round_trip is None:
+            return Lookup.FIRST
+        cost, hit_rate = per_row * rows, self.hit_rate.get(key, 0.0)
+        if cost >= OVERLAP_BELOW * round_trip or cost * hit_rate >= round_trip:
+            return Lookup.FIRST
+        if hit_rate < 1 / SAMPLE_EVERY:
+            self.skipped[key] = (self.skipped.get(key, 0) + 1) % SAMPLE_EVERY
+            if self.skipped[key]:
+                return Lookup.SKIP
+        return Lookup.OVERLAP
+
+    def ran(self, version: models.ModelVersion, seconds: float, rows: int) -> None:
+        key = (version.name, version.number, version.fingerprint)
+        self.per_row_s[key] = _falling(self.per_row_s.get(key), seconds / max(rows, 1), self.WEIGHT)
+
+    def looked_up(self, version: models.ModelVersion, round_trip_s: float | None, hit: bool) -> None:
+        key = (version.name, version.number, version.fingerprint)
+        self.hit_rate[key] = _average(self.hit_rate.get(key), float(hit), self.WEIGHT)
+        if round_trip_s is not None:
+            self.round_trip_s = _falling(self.round_trip_s, round_trip_s, self.WEIGHT)
+
+
+def _average(before: float | None, now: float, weight: float) -> float:
+    return now if before is None else before + weight * (now - before)
+
+
+def _falling(before: float | None, now: float, weight: float) -> float:
+    """An average that falls at once to a lower figure and rises by `weight` towards a higher one."""
+    return now if before is None or now < before else before + weight * (now - before)
+
+
+def _rows(inputs: Mapping[str, np.ndarray]) -> int:
+    first = next(iter(inputs.values()), None)
+    return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+def _nbytes(array: np.ndarray) -> int:
+    """Bytes held by an array, with its items' for an array of byte or text strings (about 50 each besides)."""
+    if array.dtype.kind == "O":
+        return array.nbytes + 50 * array.size + sum(map(len, array.reshape(-1)))
+    return array.nbytes
 
 
 class Breaker:
@@ -139,40 +400,3 @@ class Breaker:
         """Leave Redis alone for RETRY_S after `exc`."""
         self.until = time.monotonic() + RETRY_S
         log.warning("%s bypassed for %.0f s: %s", self.what, RETRY_S, exc)
-
-
-class Writer:
-    """One connection of its own that sends commands without waiting for their replies, reading those
-    that have arrived before each new command, so a miss's store never holds up the request."""
-
-    MAX_PENDING = 256
-    DRAIN_AT = 32
-    """Replies are read once this many are owed, not after every command: fewer syscalls per miss."""
-
-    def __init__(self, client: redis.Redis):
-        self.client = client
-        self.connection: redis.connection.AbstractConnection | None = None
-        self.pending = 0
-
-    def send(self, *commands: tuple[object, ...]) -> None:
-        """Send commands in one write; a reply of an earlier one that reports an error is logged."""
-        if self.connection is None:
-            self.connection = self.client.connection_pool.make_connection()
-        try:
-            if self.pending >= self.DRAIN_AT:
-                self.drain(block=self.pending >= self.MAX_PENDING)
-            self.connection.send_packed_command(self.connection.pack_commands(commands))
-            self.pending += len(commands)
-        except redis.RedisError:
-            self.connection.disconnect()
-            self.pending = 0
-            raise
-
-    def drain(self, block: bool = False) -> None:
-        """Read the replies that have come (all of them, with `block`)."""
-        while self.connection is not None and self.pending and (block or self.connection.can_read(timeout=0)):
-            self.pending -= 1
-            try:
-                self.connection.read_response()
-            except redis.ResponseError as exc:  # e.g. out of memory: that answer goes uncached
-                log.warning("prediction cache: a store failed: %s", exc)

@@ -45,8 +45,10 @@ def repo(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def app(repo: Path, fresh: redis.Redis, redis_url: str) -> Flask:
-    return create_app({"TESTING": True, "models_dir": repo, "reload_interval_s": 0.0, "redis_url": redis_url})
+def app(repo: Path, fresh: redis.Redis, redis_url: str) -> Iterator[Flask]:
+    app = create_app({"TESTING": True, "models_dir": repo, "reload_interval_s": 0.0, "redis_url": redis_url})
+    yield app
+    app.extensions["cache"].flush()  # no count of this test reaches Redis during the next one
 
 
 def predict(client: FlaskClient, rows: np.ndarray, path: str = "/v1/models/digits-heavy:predict"):
@@ -87,6 +89,7 @@ def test_a_model_without_a_cache_ttl_is_never_cached(app: Flask, fresh: redis.Re
 
 def test_entries_expire_after_the_spec_s_ttl(app: Flask, fresh: redis.Redis):
     predict(app.test_client(), ROWS[:2])
+    app.extensions["cache"].flush()  # stores are written behind the answer
     (key,) = [k for k in fresh.scan_iter("cache:digits-heavy:*") if not k.endswith(b":lock")]
     assert 0 < fresh.pttl(key) <= 300_000
 
@@ -120,7 +123,79 @@ def test_hits_and_misses_are_counted(app: Flask):
     assert "iris" not in stats["models"]
 
 
-def test_concurrent_identical_misses_run_the_model_once(app: Flask, monkeypatch: pytest.MonkeyPatch):
+def test_another_process_hits_the_shared_entry_and_repeats_are_answered_in_process(app: Flask, repo: Path,
+                                                                                    redis_url: str,
+                                                                                    fresh: redis.Redis):
+    first = predict(app.test_client(), ROWS[:3])
+    app.extensions["cache"].flush()
+    other = create_app({"TESTING": True, "models_dir": repo, "reload_interval_s": 0.0, "redis_url": redis_url})
+    shared = predict(other.test_client(), ROWS[:3])  # nothing kept in this process yet: from Redis
+    assert shared.headers["X-Cache"] == "HIT" and shared.get_json() == first.get_json()
+    for key in fresh.scan_iter("cache:digits-heavy:*"):
+        fresh.delete(key)
+    kept = predict(other.test_client(), ROWS[:3])  # kept in-process, with its Redis entry's remaining TTL
+    assert kept.headers["X-Cache"] == "HIT" and kept.get_json() == first.get_json()
+    (expires_at, _, _), = other.extensions["cache"].local.entries.values()
+    assert 290 < expires_at - time.monotonic() <= 300
+    other.extensions["cache"].flush()
+
+
+def test_hits_answered_in_process_reach_the_shared_counts_with_later_traffic(app: Flask, repo: Path,
+                                                                             redis_url: str,
+                                                                             monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(cache_module, "COUNT_EVERY_S", 0.05)
+    client = app.test_client()
+    other = create_app({"TESTING": True, "models_dir": repo, "reload_interval_s": 0.0, "redis_url": redis_url})
+    for _ in range(3):
+        predict(client, ROWS[:2])  # a miss, then two hits answered in-process
+    assert other.extensions["cache"].stats()["digits-heavy"]["hits"] <= 2
+    time.sleep(0.06)
+    predict(client, ROWS[:2])  # past COUNT_EVERY_S: this hit sends the counts on its own
+    assert other.extensions["cache"].stats()["digits-heavy"] == {"hits": 3, "misses": 1}
+
+
+def test_how_a_miss_goes_to_redis_follows_the_model_s_cost_and_hit_rate(app: Flask, fresh: redis.Redis,
+                                                                        monkeypatch: pytest.MonkeyPatch):
+    events, original_predict, original_reply = [], models.predict, cache_module.Line.reply
+
+    def predict_(version: models.ModelVersion, inputs: dict) -> dict:
+        events.append("model")
+        return original_predict(version, inputs)
+
+    def reply(line: cache_module.Line):
+        events.append("lookup reply")
+        return original_reply(line)
+
+    monkeypatch.setattr(cache_module.models, "predict", predict_)
+    monkeypatch.setattr(cache_module.Line, "reply", reply)
+    cache, version = app.extensions["cache"], app.extensions["registry"].get("digits-heavy")
+    Lookup, rows = cache_module.Lookup, iter(ROWS)
+
+    def miss() -> list[str]:
+        events.clear()
+        assert cache.predict(version, {"pixels": next(rows)[None]}).outcome == Outcome.MISS
+        return list(events)
+
+    assert miss() == ["lookup reply", "model"]  # cost not known yet: lookup first
+    miss()  # the first run loaded the session: one more to know the cost
+    assert cache.costs.lookup(version, 1) is not Lookup.FIRST  # a 1-row run costs far less than 20 lookups
+    assert cache.costs.lookup(version, 100_000) is Lookup.FIRST  # that many rows would: single flight
+    ways = [miss() for _ in range(2 * cache_module.SAMPLE_EVERY)]  # lookups never hit: hardly ever looked up
+    assert ways.count(["model", "lookup reply"]) == 2 and ways.count(["model"]) == len(ways) - 2
+    cache.flush()
+    stored = [k for k in fresh.scan_iter("cache:digits-heavy:*") if not k.endswith(b":lock")]
+    assert len(stored) == len(ways) + 2 and not list(fresh.scan_iter("cache:digits-heavy:*:lock"))
+    assert cache.stats()["digits-heavy"] == {"hits": 0, "misses": len(ways) + 2}
+    key = (version.name, version.number, version.fingerprint)
+    cache.costs.hit_rate[key], cache.costs.round_trip_s = 0.2, 1.0  # some hit, and hits would save less than
+    assert [miss() for _ in range(3)] == [["model", "lookup reply"]] * 3  # a (slow) round trip: overlapped
+    cache.costs.hit_rate[key], cache.costs.round_trip_s = 1.0, 1e-6  # all hit, saving more than a round trip
+    assert miss() == ["lookup reply", "model"]
+
+
+@pytest.mark.parametrize("measured", [False, True], ids=["cost-unknown", "measured-slow"])
+def test_concurrent_identical_misses_run_the_model_once(app: Flask, monkeypatch: pytest.MonkeyPatch,
+                                                        measured: bool):
     calls, original = [], models.predict
 
     def slow_predict(version: models.ModelVersion, inputs: dict) -> dict:
@@ -130,6 +205,10 @@ def test_concurrent_identical_misses_run_the_model_once(app: Flask, monkeypatch:
 
     monkeypatch.setattr(cache_module.models, "predict", slow_predict)
     cache, version = app.extensions["cache"], app.extensions["registry"].get("digits-heavy")
+    if measured:  # the model is known to cost many lookups: still single flight
+        cache.predict(version, {"pixels": ROWS[10:13]})
+        assert cache.costs.lookup(version, 3) is cache_module.Lookup.FIRST
+        calls.clear()
     answers: list = []
     threads = [threading.Thread(target=lambda: answers.append(cache.predict(version, {"pixels": ROWS[:3]})))
                for _ in range(6)]
@@ -178,3 +257,51 @@ def test_both_caches_through_the_real_web_process(live_server: str, fresh: redis
                           json={"data_ids": [stored.json()["data_id"]]})
     assert by_id.status_code == 200 and by_id.json()["predictions"][0]["label"] == 4
     assert list(fresh.scan_iter("data:digits-heavy:*"))
+
+
+def test_the_in_process_copy_keeps_the_latest_entries_within_its_bytes():
+    one = {"probabilities": np.zeros((100, 10), np.float32)}  # 4,000 bytes + overhead
+    local = cache_module.Local(max_bytes=3 * (4000 + cache_module.Local.OVERHEAD))
+    for key in "abc":
+        local.put(key, {k: v.copy() for k, v in one.items()}, ttl_ms=60_000)
+    assert local.get("a") is not None  # now the most recently used
+    local.put("d", {k: v.copy() for k, v in one.items()}, ttl_ms=60_000)
+    assert [k for k in "abcd" if local.get(k) is not None] == ["a", "c", "d"]
+    assert local.size <= local.max_bytes
+    kept = local.get("a")["probabilities"]
+    with pytest.raises(ValueError, match="read-only"):
+        kept[0, 0] = 1.0  # shared by every caller: nobody may write into it
+    local.put("e", {"label": np.zeros(1, np.int64)}, ttl_ms=1)
+    time.sleep(0.01)
+    assert local.get("e") is None and "e" not in local.entries
+    assert cache_module.Local(max_bytes=0).put("x", one, 1000) is one
+    assert cache_module.Local(max_bytes=0).get("x") is None
+
+
+def test_replies_are_parsed_only_once_complete_and_errors_come_back_as_values():
+    from tasks import resp
+
+    reply = b"*3\r\n:1\r\n$5\r\nab\r\nc\r\n:-1\r\n+OK\r\n-OOM command not allowed\r\n$-1\r\n*-1\r\n"
+    for cut in range(1, 24):
+        with pytest.raises(resp.Incomplete):
+            resp.parse(reply[:cut])
+    value, at = resp.parse(reply)
+    assert value == [1, b"ab\r\nc", -1] and at == 24
+    ok, at = resp.parse(reply, at)
+    error, at = resp.parse(reply, at)
+    nil, at = resp.parse(reply, at)
+    none, at = resp.parse(reply, at)
+    assert (ok, nil, none, at) == (b"OK", None, None, len(reply))
+    assert isinstance(error, redis.ResponseError) and "OOM" in str(error)
+    assert resp.encode(("SET", "k", b"\x00v", "PX", 5)) == \
+        b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n\x00v\r\n$2\r\nPX\r\n$1\r\n5\r\n"
+
+
+def test_a_line_skips_the_replies_nobody_wanted(redis_url: str, fresh: redis.Redis):
+    from tasks import resp
+
+    line = resp.Lines(fresh).get()
+    line.send(resp.encode(("SET", "cache:t", "1"), ("EVAL", "return redis.call('INCR', 'x', 'y')", 0),
+                          ("GET", "cache:t")), [False, False, True])
+    assert line.reply() == b"1"  # the failed script's error was read past (and logged), not returned
+    assert not line.owed and resp.Lines(fresh).get() is not line

@@ -53,7 +53,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     for blueprint in (catalog.bp, tfserving.bp, v2.bp, jobs.bp, pipelines.bp, ensembles.bp, batch.bp, data.bp):
         app.register_blueprint(blueprint)
     cache_client = redis.Redis.from_url(task_settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
-    cache = app.extensions["cache"] = PredictionCache(cache_client)
+    cache = app.extensions["cache"] = PredictionCache(cache_client, int(web_settings.prediction_cache_local_mb * 2**20))
     app.config["PREDICTION_CACHE"] = web_settings.prediction_cache
     stored = app.extensions["data"] = DataStore(engine, cache_client, task_settings.data_cache_ttl_s)
     app.wsgi_app = DataPlane(registry, app.wsgi_app, web_settings.max_request_bytes,  # type: ignore[method-assign]

@@ -49,10 +49,11 @@ class Bridge:
 
     async def _http(self, scope: dict, receive: Receive, send: Send) -> None:
         body = await self._body(receive)
+        route = None if body is None else self.dataplane.route(scope["path"])
         if body is None:
             message = orjson.dumps({"error": f"request body exceeds the limit of {self.limit} bytes"})
             status, headers, content = 413, [(b"content-type", b"application/json")], message
-        elif (route := self.dataplane.route(scope["path"])) is not None:
+        elif route is not None:
             status, headers, content = self._infer(route, scope, body)
         else:
             loop = asyncio.get_running_loop()
@@ -62,6 +63,8 @@ class Bridge:
             content = b""
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": content})
+        if route is not None:
+            self.dataplane.after()  # what the answer left to do (the cache's stores), once it is sent
 
     async def _body(self, receive: Receive) -> bytes | None:
         """The whole request body, or None once it passes the size limit."""

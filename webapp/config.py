@@ -17,6 +17,8 @@ class WebSettings:
     """LOG_LEVEL: level of the platform's own log lines."""
     prediction_cache: bool = True
     """PREDICTION_CACHE: cache synchronous predictions of models whose spec sets `cache_ttl_s` (`on` or `off`)."""
+    prediction_cache_local_mb: float = 64.0
+    """PREDICTION_CACHE_LOCAL_MB: memory each web process gives its own copy of the latest entries (0: none)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> WebSettings:
@@ -25,4 +27,5 @@ class WebSettings:
             max_request_bytes=int(env.get("MAX_REQUEST_BYTES", cls.max_request_bytes)),
             log_level=env.get("LOG_LEVEL", cls.log_level).upper(),
             prediction_cache=env.get("PREDICTION_CACHE", "on").lower() not in ("off", "0", "false", "no"),
+            prediction_cache_local_mb=float(env.get("PREDICTION_CACHE_LOCAL_MB", cls.prediction_cache_local_mb)),
         )

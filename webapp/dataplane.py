@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import orjson
+from werkzeug.wsgi import ClosingIterator
 
 import models
 from models import Registry, answer, instances
@@ -81,7 +82,12 @@ class DataPlane:
             status, body, content_type, extra = exc.status, _error(str(exc)), JSON, {}
         headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), *extra.items()]
         start_response(f"{status} {REASONS.get(status, '')}", headers)
-        return [body]
+        return ClosingIterator([body], self.after)  # the server closes it once the body is sent
+
+    def after(self) -> None:
+        """Once an answer has been sent: what the prediction cache left to do behind it (keep and store it)."""
+        if self.cache is not None:
+            self.cache.catch_up()
 
     def respond(self, route: Route, call: Call) -> Reply:
         """Answer one inference request; every error becomes its status and a JSON body."""
@@ -125,7 +131,7 @@ class DataPlane:
         """The prediction, through the prediction cache for a model whose spec turns it on."""
         if self.cache is None or found.spec.options.cache_ttl_s <= 0:
             return models.predict(found, inputs), {}
-        answered = self.cache.predict(found, inputs)
+        answered = self.cache.predict(found, inputs, behind=True)
         return answered.outputs, {"X-Cache": answered.outcome.value}
 
     def _body(self, call: Call, binary_ok: bool) -> bytes:
