@@ -123,7 +123,7 @@ class Line:
 
 
 class Lines:
-    """The calling thread's `Line` to one Redis (a new one after a fork)."""
+    """The calling thread's `Line` to one Redis (a new one after a fork), and calls made on it."""
 
     def __init__(self, client: redis.Redis):
         self.client = client
@@ -135,3 +135,25 @@ class Lines:
             line = self._local.line = Line(self.client)
             self._local.pid = os.getpid()
         return line
+
+    def call(self, *command: object) -> object:
+        """One command's reply, as redis-py would give it: a refused command raises its `ResponseError`, a
+        connection that failed or timed out `redis.ConnectionError`."""
+        line = self.get()
+        try:
+            line.send(encode(command), [True])
+            reply = line.reply()
+        except OSError as exc:
+            raise redis.ConnectionError(f"Redis unreachable: {exc}") from exc
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+        return reply
+
+    def script(self, script: redis.commands.core.Script, keys: Sequence[object], args: Sequence[object]) -> object:
+        """Run a registered Lua script by its digest, sending its text once when Redis does not know it."""
+        try:
+            return self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        return self.call("EVAL", script.script, len(keys), *keys, *args)

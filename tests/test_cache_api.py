@@ -305,3 +305,18 @@ def test_a_line_skips_the_replies_nobody_wanted(redis_url: str, fresh: redis.Red
                           ("GET", "cache:t")), [False, False, True])
     assert line.reply() == b"1"  # the failed script's error was read past (and logged), not returned
     assert not line.owed and resp.Lines(fresh).get() is not line
+
+
+def test_a_line_runs_a_script_redis_forgot_and_reports_redis_down_as_redis_py_does(fresh: redis.Redis):
+    from tasks import resp
+
+    script = fresh.register_script("return ARGV[1] .. KEYS[1]")
+    fresh.script_flush()  # as on a Redis restarted since: the digest is unknown there
+    lines = resp.Lines(fresh)
+    assert lines.script(script, ["k"], ["v"]) == b"vk"
+    assert lines.script(script, ["k"], ["w"]) == b"wk"  # by digest now
+    with pytest.raises(redis.ResponseError):
+        lines.call("INCR", "no", "such", "arity")
+    down = resp.Lines(redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5))
+    with pytest.raises(redis.ConnectionError):
+        down.call("PING")
