@@ -60,11 +60,14 @@ def warm() -> Response:
     return json_response({"model": found.name, "version": found.number, "count": len(ids), "made": made})
 
 
-def inputs_of(store: DataStore, version: ModelVersion, body: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The feeds of a `:predict` or `:submit` body that names stored inputs, `{"data_ids": [...]}`."""
+def parse(store: DataStore | None, version: ModelVersion, body: dict[str, Any]) -> tuple[dict[str, np.ndarray], bool]:
+    """The inputs of a `:predict` or `:submit` body and whether the answer takes the row format: the stored
+    inputs a body names by `{"data_ids": [...]}` (rows), else its `instances` or `inputs` (`instances.parse`)."""
+    if "data_ids" not in body or store is None:
+        return instances.parse(body, version)
     if set(body) - {"data_ids", "signature_name"}:
         raise BadRequest("a body with 'data_ids' takes no 'instances' or 'inputs'")
-    return store.prepared(version, data_ids(body))[0]
+    return store.prepared(version, data_ids(body))[0], True
 
 
 def data_ids(body: dict[str, Any]) -> list[str]:

@@ -18,11 +18,10 @@ import orjson
 from werkzeug.wsgi import ClosingIterator
 
 import models
-from models import Registry, answer, instances
+from models import Registry, answer
 from tasks.cache import PredictionCache
 from tasks.data import DataStore
-from webapp import v2_codec, wire
-from webapp.data import inputs_of as stored_inputs
+from webapp import data, v2_codec, wire
 from webapp.errors import BadRequest, PayloadTooLarge, RequestError, status_of
 
 log = logging.getLogger(__name__)
@@ -107,11 +106,7 @@ class DataPlane:
 
     def predict(self, found: models.ModelVersion, call: Call) -> Reply:
         """TensorFlow Serving REST: row or columnar JSON in, predictions or outputs out."""
-        body = wire.json_object(self._body(call, binary_ok=False))
-        if "data_ids" in body and self.stored is not None:  # the data cache pattern: inputs stored by id
-            inputs, rows = stored_inputs(self.stored, found, body), True
-        else:
-            inputs, rows = instances.parse(body, found)
+        inputs, rows = data.parse(self.stored, found, wire.json_object(self._body(call, binary_ok=False)))
         outputs, headers = self._outputs(found, inputs)
         wanted = found.spec.output_names
         shaped = (answer.rows if rows else answer.columns)(outputs, wanted)

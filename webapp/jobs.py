@@ -8,7 +8,6 @@ import numpy as np
 from flask import Blueprint, Response, current_app, request, url_for
 
 import models
-from models import instances
 from tasks import submission
 from webapp import data, ensembles, wire
 from webapp.errors import BadRequest, Conflict
@@ -29,10 +28,7 @@ def submit(name: str, version: int | None = None) -> Response:
     else:
         body = wire.json_object(wire.read(request))
         callback = body.pop("callback_url", None)
-        if "data_ids" in body:  # the data cache pattern: inputs stored by id, preprocessed once
-            inputs, rows = data.inputs_of(current_app.extensions["data"], found, body), True
-        else:
-            inputs, rows = instances.parse(body, found)
+        inputs, rows = data.parse(current_app.extensions["data"], found, body)  # or stored inputs, by id
     models.prepare(found, inputs, images=False)
     rid, extensions = wire.request_id(request), current_app.extensions
     job = submission.submit(extensions["celery"], store(), extensions["batches"], found, inputs,
