@@ -179,10 +179,18 @@ class PredictionCache:
         line = self.lines.get()
         try:
             line.send(encode(*commands, *counts), [wanted] * len(commands) + [False] * len(counts))
-        except (OSError, redis.RedisError) as exc:
+        except redis.RedisError as exc:
             self.breaker.trip(exc)
             return None
         return line
+
+    def _read(self, line: Line) -> object | None:
+        """The next wanted reply on `line` (never nil for the commands sent here); None if Redis failed."""
+        try:
+            return line.reply()
+        except redis.RedisError as exc:
+            self.breaker.trip(exc)
+            return None
 
     def _run(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], rows: int) -> Outputs:
         started = time.perf_counter()
@@ -193,10 +201,8 @@ class PredictionCache:
     def _reply(self, version: models.ModelVersion, line: Line, sent_at: float | None) -> list | None:
         """The lookup script's reply; None when Redis failed (then left alone a while) or refused it.
         With `sent_at`, the wait is a round trip to learn from."""
-        try:
-            reply = line.reply()
-        except (OSError, redis.RedisError) as exc:
-            self.breaker.trip(exc)
+        reply = self._read(line)
+        if reply is None:
             return None
         if isinstance(reply, redis.ResponseError):  # e.g. out of memory: this answer goes uncached
             log.warning("prediction cache: a lookup failed: %s", reply)
@@ -236,12 +242,8 @@ class PredictionCache:
     def flush(self) -> None:
         """Wait until this thread's stores and this process's counts have reached Redis."""
         self.catch_up()
-        line = self._send(("PING",))
-        if line is not None:
-            try:
-                line.reply()
-            except (OSError, redis.RedisError) as exc:
-                self.breaker.trip(exc)
+        if (line := self._send(("PING",))) is not None:
+            self._read(line)
 
     def stats(self) -> dict[str, dict[str, int]]:
         """Hits and misses counted per model, across every web process."""
@@ -330,7 +332,7 @@ class Costs:
         rate (what waiting saves) passes a round trip (what it loses). Otherwise OVERLAP, or SKIP while fewer
         than one lookup in SAMPLE_EVERY hits, with every SAMPLE_EVERY-th miss still looked up to follow the
         hit rate."""
-        key = (version.name, version.number, version.fingerprint)
+        key = _version_key(version)
         per_row, round_trip = self.per_row_s.get(key), self.round_trip_s
         if per_row is None or round_trip is None:
             return Lookup.FIRST
@@ -344,14 +346,19 @@ class Costs:
         return Lookup.OVERLAP
 
     def ran(self, version: models.ModelVersion, seconds: float, rows: int) -> None:
-        key = (version.name, version.number, version.fingerprint)
+        key = _version_key(version)
         self.per_row_s[key] = _falling(self.per_row_s.get(key), seconds / max(rows, 1), self.WEIGHT)
 
     def looked_up(self, version: models.ModelVersion, round_trip_s: float | None, hit: bool) -> None:
-        key = (version.name, version.number, version.fingerprint)
+        key = _version_key(version)
         self.hit_rate[key] = _average(self.hit_rate.get(key), float(hit), self.WEIGHT)
         if round_trip_s is not None:
             self.round_trip_s = _falling(self.round_trip_s, round_trip_s, self.WEIGHT)
+
+
+def _version_key(version: models.ModelVersion) -> tuple[str, int, str]:
+    """What the costs are kept under: a version, told apart from one redeployed in place."""
+    return version.name, version.number, version.fingerprint
 
 
 def _average(before: float | None, now: float, weight: float) -> float:

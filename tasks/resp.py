@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 from collections.abc import Sequence
+from typing import NoReturn
 
 import redis
 
@@ -76,14 +77,14 @@ class Line:
         """One entry per reply not read yet, in order: whether someone waits for it."""
 
     def send(self, payload: bytes, wanted: Sequence[bool]) -> None:
-        """Write `payload`, commands whose replies `reply` hands out where `wanted` says so, else skips."""
+        """Write `payload`, commands whose replies `reply` hands out where `wanted` says so, else skips.
+        A connection that fails or times out raises `redis.ConnectionError` or `redis.TimeoutError`."""
         try:
             if self.connection._sock is None:
                 self.connection.connect()
             self.connection._sock.sendall(payload)
-        except (OSError, redis.RedisError):
-            self.close()
-            raise
+        except (OSError, redis.RedisError) as exc:
+            self._fail(exc)
         self.owed.extend(wanted)
 
     def reply(self) -> object:
@@ -97,10 +98,17 @@ class Line:
                     return value
                 if isinstance(value, redis.ResponseError):  # e.g. out of memory: that store was lost
                     log.warning("a Redis command failed: %s", value)
-        except (OSError, redis.RedisError):
-            self.close()
-            raise
+        except (OSError, redis.RedisError) as exc:
+            self._fail(exc)
         raise RuntimeError("no reply is owed")
+
+    def _fail(self, exc: Exception) -> NoReturn:
+        """Drop the connection, and raise `exc` as redis-py would: socket errors as its own."""
+        self.close()
+        if isinstance(exc, redis.RedisError):
+            raise exc
+        kind = redis.TimeoutError if isinstance(exc, TimeoutError) else redis.ConnectionError
+        raise kind(f"Redis unreachable: {exc}") from exc
 
     def _next(self) -> object:
         while True:
@@ -137,14 +145,10 @@ class Lines:
         return line
 
     def call(self, *command: object) -> object:
-        """One command's reply, as redis-py would give it: a refused command raises its `ResponseError`, a
-        connection that failed or timed out `redis.ConnectionError`."""
+        """One command's reply, as redis-py would give it: a refused command raises its `ResponseError`."""
         line = self.get()
-        try:
-            line.send(encode(command), [True])
-            reply = line.reply()
-        except OSError as exc:
-            raise redis.ConnectionError(f"Redis unreachable: {exc}") from exc
+        line.send(encode(command), [True])
+        reply = line.reply()
         if isinstance(reply, redis.ResponseError):
             raise reply
         return reply

@@ -297,7 +297,7 @@ def test_replies_are_parsed_only_once_complete_and_errors_come_back_as_values():
         b"*5\r\n$3\r\nSET\r\n$1\r\nk\r\n$2\r\n\x00v\r\n$2\r\nPX\r\n$1\r\n5\r\n"
 
 
-def test_a_line_skips_the_replies_nobody_wanted(redis_url: str, fresh: redis.Redis):
+def test_a_line_skips_the_replies_nobody_wanted(fresh: redis.Redis):
     from tasks import resp
 
     line = resp.Lines(fresh).get()
@@ -320,3 +320,15 @@ def test_a_line_runs_a_script_redis_forgot_and_reports_redis_down_as_redis_py_do
     down = resp.Lines(redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5))
     with pytest.raises(redis.ConnectionError):
         down.call("PING")
+
+
+def test_a_line_that_gets_no_reply_in_time_raises_redis_py_s_timeout(redis_url: str):
+    from tasks import resp
+
+    line = resp.Lines(redis.Redis.from_url(redis_url, socket_timeout=0.2)).get()
+    line.send(resp.encode(("BLPOP", "cache:never-pushed", 5)), [True])  # Redis holds the reply back for 5 s
+    with pytest.raises(redis.TimeoutError):
+        line.reply()
+    assert not line.owed  # the connection was dropped with what was owed on it
+    line.send(resp.encode(("PING",)), [True])  # and the next call connects again
+    assert line.reply() == b"PONG"
