@@ -8,12 +8,14 @@ Prediction cache, `POST /v1/models/digits-heavy:predict` for requests of each `-
 - hit from Redis: the same, with the process's copy emptied before each request, as in a process that never
   answered it (the entry another process stored); measured in process only.
 The miss and no-cache points send the same stream of unique bodies. Measured two ways, each in rounds in
-which the kinds take turns in blocks of `--block` requests (so the machine's drift falls on all alike), each
-timed block after as many untimed requests of its kind (how the cache goes to Redis follows the hit rate a
-process has seen lately: each kind is measured once that has settled):
+which the kinds take turns in blocks of `--block` requests, in an order drawn afresh for each turn (so the
+machine's drift, and what one kind leaves behind for the next, falls on all alike), each timed block after
+as many untimed requests of its kind (how the cache goes to Redis follows the hit rate a process has seen
+lately: each kind is measured once that has settled):
 1. in process: the time the web process's data plane takes to answer (body parse, cache, model, answer
-   bytes; no HTTP), with a real Redis; then, untimed but recorded, what the cache does behind the answer
-   once it is sent (keep and store it: `DataPlane.after`), reported as the miss's total work;
+   bytes; no HTTP), with a real Redis, the no-cache plane sharing the cached one's model sessions; then,
+   untimed but recorded, what the cache does behind the answer once it is sent (keep and store it:
+   `DataPlane.after`), reported as the miss's total work;
 2. over HTTP: one keep-alive connection to each of two real web servers (`deploy/gunicorn.conf.py`, one
    worker each), one with the cache on and one with it off, the latency each request sees.
 Ratios are medians of the per-round ratios of medians; targets: a hit at least 5x faster than a miss, a miss
@@ -35,6 +37,7 @@ import functools
 import http.client
 import io
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -117,9 +120,11 @@ def in_process(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[flo
     """Per-round medians of each kind and size, and of the work behind each miss, answered in process."""
     app = create_app({"redis_url": args.redis_url})
     cached, local = app.wsgi_app, app.extensions["cache"].local.entries
-    uncached = create_app({"redis_url": args.redis_url, "prediction_cache": False}).wsgi_app
+    # the same registry, so the same model sessions: the two differ by the cache alone
+    uncached = DataPlane(cached.registry, cached.fallback, cached.max_body_bytes, cache=None, stored=cached.stored)
     medians: dict[str, list[float]] = {}
     streams = {rows: Requests(rows) for rows in sizes}  # counters run on across rounds: every miss is new
+    turns = random.Random(1)
     for round_number in range(args.rounds):
         for rows in sizes:
             requests, took, behind = streams[rows], {kind: [] for kind in KINDS}, []
@@ -129,7 +134,7 @@ def in_process(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[flo
             kinds = {"none": (uncached, requests.unique), "miss": (cached, requests.unique),
                      "hit": (cached, again), "shared": (cached, again)}
             for _ in range(args.requests // args.block):
-                for kind, (plane, body) in kinds.items():
+                for kind, (plane, body) in turns.sample(list(kinds.items()), len(kinds)):
                     clear = local.clear if kind == "shared" else (lambda: None)
                     timed(plane, [body() for _ in range(args.block)], before=clear)  # untimed: steady state
                     for _ in range(args.block):
@@ -180,6 +185,7 @@ def over_http(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[floa
             server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             stack.callback(stop, server)
         streams = {rows: Requests(rows, pixel=1) for rows in sizes}  # bodies the first part never sent
+        turns = random.Random(2)
         for name, port in ports.items():
             wait_until_answering(f"http://127.0.0.1:{port}{PATH}", streams[sizes[0]].same(), Path(logs) / f"{name}.log")
         on, off = (Client(ports[name]) for name in ("on", "off"))
@@ -191,7 +197,7 @@ def over_http(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[floa
                 kinds = {"none": (off, requests.unique), "miss": (on, requests.unique),
                          "hit": (on, functools.partial(bytes, same))}
                 for _ in range(args.requests // args.block):
-                    for kind, (client, body) in kinds.items():
+                    for kind, (client, body) in turns.sample(list(kinds.items()), len(kinds)):
                         for _ in range(args.block):  # untimed: steady state, as in process
                             client.ask(body())
                         took[kind] += [client.ask(body()) for _ in range(args.block)]

@@ -51,6 +51,11 @@ class ModelVersion:
             text += self.spec.path.read_bytes()
         return hashlib.sha1(text).hexdigest()[:12]
 
+    @functools.cached_property
+    def key(self) -> str:
+        """Name, number and fingerprint: what the caches' keys and tables name this version by."""
+        return f"{self.name}:{self.number}:{self.fingerprint}"
+
 
 @dataclass(frozen=True)
 class Model:

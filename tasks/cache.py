@@ -16,16 +16,19 @@ as it serves (`Costs`):
 - a cheaper one runs while its lookup is in flight, so a miss costs no round trip (waiting for another
   process's answer would cost about as much as computing it), unless its lookups hit so often that waiting
   for them saves more than the round trip costs.
-The answer is stored and the lock released by commands nobody waits for (their replies are read on the way to
-the next lookup's). Hits answered in-process go to Redis with the next write, within `COUNT_EVERY_S` of
-traffic (at once for `stats`). Only the graph's outputs are stored; derived ones are derived again on a hit. Redis
-unreachable: predictions are served uncached, and Redis is left alone for `RETRY_S` before it is tried
-again, so no request waits on it twice.
+The answer is stored and the lock released by commands whose replies nobody waits for (they are read on the
+way to the next lookup's); a store no other request can be waiting for (its key was not locked) goes with a
+batch (`Writes`): each write wakes Redis, which on a host it shares with the web process takes the cores the
+next model run needs. Hits answered in-process go to
+Redis with the next write, within `COUNT_EVERY_S` of traffic (at once for `stats`). Only the graph's outputs
+are stored; derived ones are derived again on a hit. Redis unreachable: predictions are served uncached, and
+Redis is left alone for `RETRY_S` before it is tried again, so no request waits on it twice.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -56,6 +59,12 @@ OVERLAP_BELOW = 20
 SAMPLE_EVERY = 16
 """A cheap model whose lookups hit less than once in this many skips the lookup on all but every this-many-th
 miss (its answers are still stored)."""
+WRITE_BATCH = 16
+"""Commands nobody waits for that are written to Redis together (`Writes`)."""
+WRITE_DELAY_S = 0.01
+"""Longest such a command waits for others before a thread of the cache's own writes it."""
+WRITER_IDLE_S = 1.0
+"""That thread ends after this long with nothing to write (and starts again with the next store)."""
 _LOOKUP = """
 local value = redis.call('GET', KEYS[1])
 if value then
@@ -104,6 +113,7 @@ class PredictionCache:
         self.local = Local(local_bytes)
         self.costs = Costs()
         self.lines = Lines(client)
+        self.writes = Writes(self)
         self._counts: Counter[tuple[str, str]] = Counter()
         self._counts_lock = threading.Lock()
         self._counted_at = time.monotonic()
@@ -119,7 +129,7 @@ class PredictionCache:
         if ttl_s <= 0:
             return Answer(models.predict(version, inputs), Outcome.MISS)
         self.catch_up()  # in case the server did not, after this thread's previous answer
-        key = f"cache:{version.name}:{version.number}:{version.fingerprint}:{digest(inputs)}"
+        key = f"cache:{version.key}:{digest(inputs)}"
         if (kept := self.local.get(key)) is not None:
             self._count(version.name, "hits")
             return Answer(kept, Outcome.HIT)
@@ -184,6 +194,13 @@ class PredictionCache:
             return None
         return line
 
+    def _settle(self, line: Line) -> None:
+        """Read every reply owed on `line`; Redis failing is noted (then left alone a while)."""
+        try:
+            line.settle()
+        except redis.RedisError as exc:
+            self.breaker.trip(exc)
+
     def _read(self, line: Line) -> object | None:
         """The next wanted reply on `line` (never nil for the commands sent here); None if Redis failed."""
         try:
@@ -216,12 +233,16 @@ class PredictionCache:
         return self.local.put(key, postprocess.derive(version.spec, unpack(packed)), ttl_ms)
 
     def _store(self, version: models.ModelVersion, key: str, outputs: Outputs, ttl_ms: int, locked: bool) -> None:
-        """Keep the answer here, and store the graph's outputs (and release the lock) in Redis without waiting."""
+        """Keep the answer here, and store the graph's outputs in Redis without waiting: at once when this
+        request holds the key's lock (others may be waiting for the answer), else with the next batch."""
         self.local.put(key, outputs, ttl_ms)
         stored = pack({o.name: outputs[o.name] for o in version.spec.runtime_outputs})  # derived again on a hit
-        commands = [("SET", key, stored, "PX", ttl_ms)] + ([("DEL", key + ":lock")] if locked else [])
-        if not self.breaker.open:
-            self._send(*commands, wanted=False)
+        if self.breaker.open:
+            return
+        if locked:
+            self.writes.add(("SET", key, stored, "PX", ttl_ms), ("DEL", key + ":lock"), now=True)
+        else:
+            self.writes.add(("SET", key, stored, "PX", ttl_ms))
 
     def _count(self, model: str, kind: str) -> None:
         """Count a hit or miss Redis did not see; the counts go with the next write, or alone after
@@ -240,8 +261,9 @@ class PredictionCache:
         return [("HINCRBY", STATS, f"{model}:{kind}", n) for (model, kind), n in counts.items()]
 
     def flush(self) -> None:
-        """Wait until this thread's stores and this process's counts have reached Redis."""
+        """Wait until this process's stores and counts have reached Redis."""
         self.catch_up()
+        self.writes.write()
         if (line := self._send(("PING",))) is not None:
             self._read(line)
 
@@ -264,6 +286,59 @@ class PredictionCache:
             if value is not None or not locked:
                 return value
         return None
+
+
+class Writes:
+    """Commands nobody waits for (stores), written to Redis together: once WRITE_BATCH of them are waiting or
+    one must go at once, by the request that adds it; otherwise WRITE_DELAY_S after the first of them by a
+    thread of their own, which waits for Redis to have run them. Those waiting when the process ends are lost
+    (they are cache entries: the answers were sent)."""
+
+    def __init__(self, cache: PredictionCache):
+        self.cache = cache
+        self._start()
+
+    def _start(self) -> None:
+        self.pid, self.waiting = os.getpid(), []
+        self.lock = threading.Lock()
+        self.came = threading.Condition(self.lock)
+        self.writing = threading.Lock()
+        """Held while a batch is written and its replies read."""
+        self.writer: threading.Thread | None = None
+
+    def add(self, *commands: tuple[object, ...], now: bool = False) -> None:
+        """Write `commands` with the next batch, or `now` (with those waiting)."""
+        if self.pid != os.getpid():
+            self._start()  # a new process: no writer thread here, nothing of the parent's to write
+        with self.lock:
+            self.waiting.extend(commands)
+            if not now and len(self.waiting) < WRITE_BATCH:
+                if self.writer is None:
+                    self.writer = threading.Thread(target=self._write_later, name="cache-writes", daemon=True)
+                    self.writer.start()
+                elif len(self.waiting) == len(commands):
+                    self.came.notify()
+                return
+            batch, self.waiting = self.waiting, []
+        self.cache._send(*batch, wanted=False)
+
+    def write(self) -> None:
+        """Write what is waiting now, on the calling thread's line, and wait until Redis has run it (and any
+        batch being written meanwhile)."""
+        with self.writing:
+            with self.lock:
+                batch, self.waiting = self.waiting, []
+            if batch and (line := self.cache._send(*batch, wanted=False)) is not None:
+                self.cache._settle(line)
+
+    def _write_later(self) -> None:
+        while True:
+            with self.lock:
+                if not self.came.wait_for(lambda: self.waiting, timeout=WRITER_IDLE_S):
+                    self.writer = None
+                    return
+            time.sleep(WRITE_DELAY_S)
+            self.write()
 
 
 class Local:
@@ -321,9 +396,9 @@ class Costs:
     WEIGHT = 0.2
 
     def __init__(self) -> None:
-        self.per_row_s: dict[tuple[str, int, str], float] = {}
-        self.hit_rate: dict[tuple[str, int, str], float] = {}
-        self.skipped: dict[tuple[str, int, str], int] = {}
+        self.per_row_s: dict[str, float] = {}  # by `ModelVersion.key`, as the rest
+        self.hit_rate: dict[str, float] = {}
+        self.skipped: dict[str, int] = {}
         self.round_trip_s: float | None = None
 
     def lookup(self, version: models.ModelVersion, rows: int) -> Lookup:
@@ -332,7 +407,7 @@ class Costs:
         rate (what waiting saves) passes a round trip (what it loses). Otherwise OVERLAP, or SKIP while fewer
         than one lookup in SAMPLE_EVERY hits, with every SAMPLE_EVERY-th miss still looked up to follow the
         hit rate."""
-        key = _version_key(version)
+        key = version.key
         per_row, round_trip = self.per_row_s.get(key), self.round_trip_s
         if per_row is None or round_trip is None:
             return Lookup.FIRST
@@ -346,19 +421,14 @@ class Costs:
         return Lookup.OVERLAP
 
     def ran(self, version: models.ModelVersion, seconds: float, rows: int) -> None:
-        key = _version_key(version)
+        key = version.key
         self.per_row_s[key] = _falling(self.per_row_s.get(key), seconds / max(rows, 1), self.WEIGHT)
 
     def looked_up(self, version: models.ModelVersion, round_trip_s: float | None, hit: bool) -> None:
-        key = _version_key(version)
+        key = version.key
         self.hit_rate[key] = _average(self.hit_rate.get(key), float(hit), self.WEIGHT)
         if round_trip_s is not None:
             self.round_trip_s = _falling(self.round_trip_s, round_trip_s, self.WEIGHT)
-
-
-def _version_key(version: models.ModelVersion) -> tuple[str, int, str]:
-    """What the costs are kept under: a version, told apart from one redeployed in place."""
-    return version.name, version.number, version.fingerprint
 
 
 def _average(before: float | None, now: float, weight: float) -> float:

@@ -112,7 +112,7 @@ class DataStore:
 
     @staticmethod
     def _key(version: models.ModelVersion, data_id: str) -> str:
-        return f"data:{version.name}:{version.number}:{version.fingerprint}:{data_id}"
+        return f"data:{version.key}:{data_id}"
 
 
 def _prepare(version: models.ModelVersion, data_id: str, raw: tuple[str, bytes]) -> dict[str, np.ndarray]:

@@ -89,18 +89,29 @@ class Line:
 
     def reply(self) -> object:
         """The next wanted reply, reading past the unwanted ones before it (within the socket timeout)."""
+        found, value = self._through(to_wanted=True)
+        if not found:
+            raise RuntimeError("no reply is owed")
+        return value
+
+    def settle(self) -> None:
+        """Read every reply owed, wanted or not: once it returns, Redis has run every command sent."""
+        self._through(to_wanted=False)
+
+    def _through(self, to_wanted: bool) -> tuple[bool, object]:
+        """Read replies until the next wanted one (with `to_wanted`) or none is owed; whether one was found."""
         try:
             while self.owed:
                 wanted = self.owed[0]
                 value = self._next()
                 self.owed.popleft()
-                if wanted:
-                    return value
+                if wanted and to_wanted:
+                    return True, value
                 if isinstance(value, redis.ResponseError):  # e.g. out of memory: that store was lost
                     log.warning("a Redis command failed: %s", value)
         except (OSError, redis.RedisError) as exc:
             self._fail(exc)
-        raise RuntimeError("no reply is owed")
+        return False, None
 
     def _fail(self, exc: Exception) -> NoReturn:
         """Drop the connection, and raise `exc` as redis-py would: socket errors as its own."""

@@ -186,7 +186,7 @@ def test_how_a_miss_goes_to_redis_follows_the_model_s_cost_and_hit_rate(app: Fla
     stored = [k for k in fresh.scan_iter("cache:digits-heavy:*") if not k.endswith(b":lock")]
     assert len(stored) == len(ways) + 2 and not list(fresh.scan_iter("cache:digits-heavy:*:lock"))
     assert cache.stats()["digits-heavy"] == {"hits": 0, "misses": len(ways) + 2}
-    key = (version.name, version.number, version.fingerprint)
+    key = version.key
     cache.costs.hit_rate[key], cache.costs.round_trip_s = 0.2, 1.0  # some hit, and hits would save less than
     assert [miss() for _ in range(3)] == [["model", "lookup reply"]] * 3  # a (slow) round trip: overlapped
     cache.costs.hit_rate[key], cache.costs.round_trip_s = 1.0, 1e-6  # all hit, saving more than a round trip
@@ -332,3 +332,35 @@ def test_a_line_that_gets_no_reply_in_time_raises_redis_py_s_timeout(redis_url: 
     assert not line.owed  # the connection was dropped with what was owed on it
     line.send(resp.encode(("PING",)), [True])  # and the next call connects again
     assert line.reply() == b"PONG"
+
+
+def test_stores_nobody_waits_for_are_written_together(app: Flask, fresh: redis.Redis,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(cache_module, "WRITE_DELAY_S", 0.3)
+    monkeypatch.setattr(cache_module, "WRITER_IDLE_S", 0.2)
+    writes = app.extensions["cache"].writes
+
+    def written(*keys: str, within: float = 2.0) -> bool:
+        deadline = time.monotonic() + within
+        while fresh.exists(*keys) < len(keys):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    writes.add(("SET", "cache:t:late", "1"))
+    assert not fresh.exists("cache:t:late")  # waiting for others
+    assert written("cache:t:late")  # by the writer thread, with no other traffic
+    assert written("cache:t:never", within=0.0) is False
+    batch = [f"cache:t:{n}" for n in range(cache_module.WRITE_BATCH)]
+    for key in batch:
+        writes.add(("SET", key, "1"))
+    assert written(*batch, within=0.2)  # a full batch goes at once, not after the delay
+    writes.add(("SET", "cache:t:before", "1"))
+    writes.add(("SET", "cache:t:now", "1"), now=True)  # e.g. a lock released: someone may wait for it
+    assert written("cache:t:before", "cache:t:now", within=0.2)  # at once, with those waiting
+    time.sleep(0.5)
+    assert writes.writer is None  # the thread ended once there was nothing to write
+    writes.add(("SET", "cache:t:again", "1"))
+    app.extensions["cache"].flush()  # written now, and run by Redis before flush returns
+    assert fresh.exists("cache:t:again")
