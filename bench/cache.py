@@ -18,8 +18,9 @@ lately: each kind is measured once that has settled):
    `DataPlane.after`), reported as the miss's total work;
 2. over HTTP: one keep-alive connection to each of two real web servers (`deploy/gunicorn.conf.py`, one
    worker each), one with the cache on and one with it off, the latency each request sees.
-Ratios are medians of the per-round ratios of medians; targets: a hit at least 5x faster than a miss, a miss
-at most 1.05x the no-cache time.
+Ratios are medians over the turns of each turn's ratio of block medians (the kinds of one turn run
+within milliseconds of each other, so what the machine's other tenants do weighs on them alike); targets:
+a hit at least 5x faster than a miss, a miss at most 1.05x the no-cache time.
 
 Data cache, `digits-light` requests of `--images` PNG digits: sent as `{"b64"}` instances every time,
 against `{"data_ids": [...]}` naming the same images stored once (`POST /v1/data`) and warmed.
@@ -117,9 +118,9 @@ KINDS = ("none", "miss", "hit", "shared")
 
 
 def in_process(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[float]]:
-    """Per-round medians of each kind and size, and of the work behind each miss, answered in process."""
+    """Per-turn medians of each kind and size, and of the work behind each miss, answered in process."""
     app = create_app({"redis_url": args.redis_url})
-    cached, local = app.wsgi_app, app.extensions["cache"].local.entries
+    cached, local = app.wsgi_app, app.extensions["cache"].local
     # the same registry, so the same model sessions: the two differ by the cache alone
     uncached = DataPlane(cached.registry, cached.fallback, cached.max_body_bytes, cache=None, stored=cached.stored)
     medians: dict[str, list[float]] = {}
@@ -127,25 +128,29 @@ def in_process(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[flo
     turns = random.Random(1)
     for round_number in range(args.rounds):
         for rows in sizes:
-            requests, took, behind = streams[rows], {kind: [] for kind in KINDS}, []
+            requests = streams[rows]
             same = requests.same()
             timed(cached, [same])  # the one miss that fills the entry
             again = functools.partial(bytes, same)
             kinds = {"none": (uncached, requests.unique), "miss": (cached, requests.unique),
                      "hit": (cached, again), "shared": (cached, again)}
             for _ in range(args.requests // args.block):
+                behind: list[float] = []
                 for kind, (plane, body) in turns.sample(list(kinds.items()), len(kinds)):
                     clear = local.clear if kind == "shared" else (lambda: None)
                     timed(plane, [body() for _ in range(args.block)], before=clear)  # untimed: steady state
-                    for _ in range(args.block):
-                        took[kind].append(timed(plane, [body()], before=clear,
-                                                behind=behind if kind == "miss" else None))
-            for kind, seconds in took.items():
-                medians.setdefault(f"{kind}-{rows}", []).append(statistics.median(seconds))
-            medians.setdefault(f"behind-{rows}", []).append(statistics.median(behind))
-        print(f"in process, round {round_number + 1}: "
-              + ", ".join(f"{k} {v[-1] * 1e3:.3f} ms" for k, v in medians.items()), flush=True)
+                    took = [timed(plane, [body()], before=clear, behind=behind if kind == "miss" else None)
+                            for _ in range(args.block)]
+                    medians.setdefault(f"{kind}-{rows}", []).append(statistics.median(took))
+                medians.setdefault(f"behind-{rows}", []).append(statistics.median(behind))
+        print(f"in process, round {round_number + 1}: " + _latest(medians, args), flush=True)
     return medians
+
+
+def _latest(medians: dict[str, list[float]], args: argparse.Namespace) -> str:
+    """The median of each point's turns in the round just measured."""
+    turns = args.requests // args.block
+    return ", ".join(f"{k} {statistics.median(v[-turns:]) * 1e3:.3f} ms" for k, v in medians.items())
 
 
 class Client:
@@ -172,7 +177,7 @@ class Client:
 
 
 def over_http(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[float]]:
-    """Per-round medians of each kind and size as a client sees them, from two real web servers."""
+    """Per-turn medians of each kind and size as a client sees them, from two real web servers."""
     medians: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as logs, contextlib.ExitStack() as stack:
         ports = {}
@@ -191,7 +196,7 @@ def over_http(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[floa
         on, off = (Client(ports[name]) for name in ("on", "off"))
         for round_number in range(args.rounds):
             for rows in sizes:
-                requests, took = streams[rows], {kind: [] for kind in KINDS[:3]}
+                requests = streams[rows]
                 same = requests.same()
                 on.ask(same)
                 kinds = {"none": (off, requests.unique), "miss": (on, requests.unique),
@@ -200,11 +205,9 @@ def over_http(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[floa
                     for kind, (client, body) in turns.sample(list(kinds.items()), len(kinds)):
                         for _ in range(args.block):  # untimed: steady state, as in process
                             client.ask(body())
-                        took[kind] += [client.ask(body()) for _ in range(args.block)]
-                for kind, seconds in took.items():
-                    medians.setdefault(f"{kind}-{rows}", []).append(statistics.median(seconds))
-            print(f"over HTTP, round {round_number + 1}: "
-                  + ", ".join(f"{k} {v[-1] * 1e3:.3f} ms" for k, v in medians.items()), flush=True)
+                        took = [client.ask(body()) for _ in range(args.block)]
+                        medians.setdefault(f"{kind}-{rows}", []).append(statistics.median(took))
+            print(f"over HTTP, round {round_number + 1}: " + _latest(medians, args), flush=True)
         if reconnects := on.reconnects + off.reconnects:
             tails = {name: (Path(logs) / f"{name}.log").read_text(errors="replace")[-1500:] for name in ports}
             print(f"the servers closed {reconnects} connection(s); log tails: {tails}")
@@ -212,7 +215,7 @@ def over_http(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[floa
 
 
 def figures_of(medians: dict[str, list[float]], sizes: list[int], how: str) -> tuple[dict, list[str]]:
-    """Medians and per-round ratio medians of each size, and a line each for the summary."""
+    """Medians and per-turn ratio medians of each size, and a line each for the summary."""
     figures, lines = {}, []
 
     def ratio(a: str, b: str, rows: int) -> float:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import orjson
 
 from models.dtype import DType
 from models.errors import InvalidInput
@@ -113,6 +114,8 @@ def _utf8(text: str, where: str) -> bytes:
 
 
 _LENGTH = struct.Struct("<I")
+_LITTLE = frozenset("<|=" if sys.byteorder == "little" else "<|")
+"""Byte orders stored as they are (`|`: one byte per item)."""
 
 
 def digest(arrays: Mapping[str, np.ndarray]) -> str:
@@ -140,15 +143,18 @@ def pack(arrays: Mapping[str, np.ndarray]) -> bytes:
     """
     header, chunks = [], []
     for name, array in arrays.items():
-        if array.dtype.kind == "O":
+        dtype = array.dtype
+        if dtype.kind == "O":
             items = [v if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1)]
-            raw, dtype = b"".join(_LENGTH.pack(len(v)) + v for v in items), "bytes"
+            raw, kind = b"".join(_LENGTH.pack(len(v)) + v for v in items), "bytes"
         else:
-            little = array.dtype.newbyteorder("<")
-            raw, dtype = np.ascontiguousarray(array, dtype=little).tobytes(), little.str
-        header.append({"name": name, "dtype": dtype, "shape": list(array.shape), "size": len(raw)})
+            if dtype.byteorder not in _LITTLE:
+                dtype = dtype.newbyteorder("<")
+                array = array.astype(dtype)
+            raw, kind = array.tobytes(), dtype.str  # C order, whatever the array's strides
+        header.append({"name": name, "dtype": kind, "shape": array.shape, "size": len(raw)})
         chunks.append(raw)
-    head = json.dumps(header).encode()
+    head = orjson.dumps(header)
     return _LENGTH.pack(len(head)) + head + b"".join(chunks)
 
 
@@ -157,7 +163,7 @@ def unpack(data: bytes) -> dict[str, np.ndarray]:
     (length,) = _LENGTH.unpack_from(data, 0)
     offset = 4 + length
     arrays: dict[str, np.ndarray] = {}
-    for entry in json.loads(data[4:offset]):
+    for entry in orjson.loads(data[4:offset]):
         raw = memoryview(data)[offset:offset + entry["size"]]
         offset += entry["size"]
         if entry["dtype"] == "bytes":

@@ -15,7 +15,10 @@ as it serves (`Costs`):
   misses, one runs the model and the others wait a moment for its answer (single flight);
 - a cheaper one runs while its lookup is in flight, so a miss costs no round trip (waiting for another
   process's answer would cost about as much as computing it), unless its lookups hit so often that waiting
-  for them saves more than the round trip costs.
+  for them saves more than the round trip costs;
+- while hardly any request is found in either tier (under one in `SAMPLE_EVERY` of those looked up), only
+  every `SAMPLE_EVERY`-th is looked up; the others go straight to the model, their inputs hashed and their
+  answers stored behind the answer, so repeats are noticed when they come.
 The answer is stored and the lock released by commands whose replies nobody waits for (they are read on the
 way to the next lookup's); a store no other request can be waiting for (its key was not locked) goes with a
 batch (`Writes`): each write wakes Redis, which on a host it shares with the web process takes the cores the
@@ -57,8 +60,8 @@ COUNT_EVERY_S = 1.0
 OVERLAP_BELOW = 20
 """A model run estimated below this many lookup round trips runs while its lookup is in flight."""
 SAMPLE_EVERY = 16
-"""A cheap model whose lookups hit less than once in this many skips the lookup on all but every this-many-th
-miss (its answers are still stored)."""
+"""While fewer than one request in this many is found in the cache, only every this-many-th is looked up (the
+others' answers are still stored); likewise a cheap model's lookups in Redis while they hit that rarely."""
 WRITE_BATCH = 16
 """Commands nobody waits for that are written to Redis together (`Writes`)."""
 WRITE_DELAY_S = 0.01
@@ -129,14 +132,28 @@ class PredictionCache:
         if ttl_s <= 0:
             return Answer(models.predict(version, inputs), Outcome.MISS)
         self.catch_up()  # in case the server did not, after this thread's previous answer
+        rows, ttl_ms = _rows(inputs), int(ttl_s * 1000)
+        sampled = self.costs.sampled(version)
+        if not sampled and self.costs.rarely_found(version):  # not looked up: the key is made behind the answer
+            started = time.perf_counter()
+            outputs = models.predict(version, inputs)
+            took = time.perf_counter() - started
+            self._finish(behind, lambda: self._unlooked(version, inputs, outputs, rows, took, ttl_ms))
+            return Answer(outputs, Outcome.MISS)
+        answer = self._look(version, inputs, rows, ttl_ms, sampled, behind)
+        self.costs.found(version, answer.outcome is Outcome.HIT)
+        return answer
+
+    def _look(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], rows: int, ttl_ms: int,
+              sampled: bool, behind: bool) -> Answer:
+        """The answer from this process's copy, else from Redis or the model as `Costs.lookup` says."""
         key = f"cache:{version.key}:{digest(inputs)}"
         if (kept := self.local.get(key)) is not None:
             self._count(version.name, "hits")
-            return Answer(kept, Outcome.HIT)
+            return Answer(_outputs(version, kept), Outcome.HIT)
         if self.breaker.open:
             return Answer(models.predict(version, inputs), Outcome.MISS)
-        rows, ttl_ms = _rows(inputs), int(ttl_s * 1000)
-        way = self.costs.lookup(version, rows)
+        way = self.costs.lookup(version, rows, sampled)
         line = None if way is Lookup.SKIP else \
             self._send(("EVAL", _LOOKUP, 3, key, key + ":lock", STATS, LOCK_MS, version.name))
         if line is None:  # not looked up, or Redis just failed
@@ -165,6 +182,13 @@ class PredictionCache:
         if found is not None and found[0] == 2 and (waited := self._wait(key)) is not None:
             return self._kept(version, key, waited, ttl_ms), True, False
         return self._run(version, inputs, rows), False, found is not None and found[0] == 0
+
+    def _unlooked(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], outputs: Outputs, rows: int,
+                  took: float, ttl_ms: int) -> None:
+        """What a prediction that was not looked up leaves for later: its cost, its count, its store."""
+        self.costs.ran(version, took, rows)
+        self._count(version.name, "misses")
+        self._store(version, f"cache:{version.key}:{digest(inputs)}", outputs, ttl_ms, locked=False)
 
     def _finish(self, behind: bool, work: Callable[[], None]) -> None:
         """Do `work` now, or with `behind` once the answer has been sent (`catch_up`)."""
@@ -228,15 +252,15 @@ class PredictionCache:
         return reply
 
     def _kept(self, version: models.ModelVersion, key: str, packed: bytes, ttl_ms: int) -> Outputs:
-        """A hit's outputs (the graph's, as stored, and those derived from them), kept in this process for
-        the rest of its Redis entry's life."""
-        return self.local.put(key, postprocess.derive(version.spec, unpack(packed)), ttl_ms)
+        """A hit's outputs, its entry kept in this process for the rest of its Redis entry's life."""
+        self.local.put(key, packed, ttl_ms)
+        return _outputs(version, packed)
 
     def _store(self, version: models.ModelVersion, key: str, outputs: Outputs, ttl_ms: int, locked: bool) -> None:
-        """Keep the answer here, and store the graph's outputs in Redis without waiting: at once when this
-        request holds the key's lock (others may be waiting for the answer), else with the next batch."""
-        self.local.put(key, outputs, ttl_ms)
+        """Keep the answer here, and store it in Redis without waiting: at once when this request holds the
+        key's lock (others may be waiting for the answer), else with the next batch."""
         stored = pack({o.name: outputs[o.name] for o in version.spec.runtime_outputs})  # derived again on a hit
+        self.local.put(key, stored, ttl_ms)
         if self.breaker.open:
             return
         if locked:
@@ -342,19 +366,20 @@ class Writes:
 
 
 class Local:
-    """The entries this process stored or read lately, least recently used dropped past `max_bytes`, each one
-    kept no longer than its Redis copy. Their arrays are made read-only: every caller shares them."""
+    """The entries this process stored or read lately, as stored in Redis (packed bytes: the arrays of an
+    answer are freed once it is sent, and each hit gets arrays of its own), least recently used dropped past
+    `max_bytes`, each one kept no longer than its Redis copy."""
 
-    OVERHEAD = 256
-    """Bytes counted per entry beyond its arrays' (key, dict, array headers)."""
+    OVERHEAD = 128
+    """Bytes counted per entry beyond its packed bytes (key, tuple, dictionary slot)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.size = max_bytes, 0
-        self.entries: OrderedDict[str, tuple[float, int, Outputs]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> Outputs | None:
-        """The entry's outputs (a new dict over the shared arrays), None if not kept or expired."""
+    def get(self, key: str) -> bytes | None:
+        """The entry's packed outputs, None if not kept or expired."""
         if not self.max_bytes:
             return None
         with self._lock:
@@ -365,26 +390,28 @@ class Local:
                 self._drop(key)
                 return None
             self.entries.move_to_end(key)
-        return dict(entry[2])
+        return entry[1]
 
-    def put(self, key: str, outputs: Outputs, ttl_ms: int) -> Outputs:
-        """Keep `outputs` for `ttl_ms`; answers them (read-only now)."""
-        for array in outputs.values():
-            array.setflags(write=False)
-        size = self.OVERHEAD + sum(_nbytes(a) for a in outputs.values())
-        if ttl_ms <= 0 or size > self.max_bytes:
-            return outputs
+    def put(self, key: str, packed: bytes, ttl_ms: int) -> None:
+        """Keep `packed` for `ttl_ms`."""
+        if ttl_ms <= 0 or len(packed) + self.OVERHEAD > self.max_bytes:
+            return
         with self._lock:
             if key in self.entries:
                 self._drop(key)
-            self.entries[key] = (time.monotonic() + ttl_ms / 1000, size, outputs)
-            self.size += size
+            self.entries[key] = (time.monotonic() + ttl_ms / 1000, packed)
+            self.size += len(packed) + self.OVERHEAD
             while self.size > self.max_bytes:
                 self._drop(next(iter(self.entries)))
-        return outputs
+
+    def clear(self) -> None:
+        """Forget every entry."""
+        with self._lock:
+            self.entries.clear()
+            self.size = 0
 
     def _drop(self, key: str) -> None:
-        self.size -= self.entries.pop(key)[1]
+        self.size -= len(self.entries.pop(key)[1]) + self.OVERHEAD
 
 
 class Costs:
@@ -398,15 +425,30 @@ class Costs:
     def __init__(self) -> None:
         self.per_row_s: dict[str, float] = {}  # by `ModelVersion.key`, as the rest
         self.hit_rate: dict[str, float] = {}
-        self.skipped: dict[str, int] = {}
+        """Of the lookups sent to Redis, how many hit."""
+        self.found_rate: dict[str, float] = {}
+        """Of the requests looked up at all, how many were answered from either tier."""
+        self.requests: dict[str, int] = {}
         self.round_trip_s: float | None = None
 
-    def lookup(self, version: models.ModelVersion, rows: int) -> Lookup:
-        """How a run of `rows` rows should go to Redis. FIRST until the costs are measured, for a run over
-        OVERLAP_BELOW round trips (single flight is worth its wait), and when the run's cost times the hit
-        rate (what waiting saves) passes a round trip (what it loses). Otherwise OVERLAP, or SKIP while fewer
-        than one lookup in SAMPLE_EVERY hits, with every SAMPLE_EVERY-th miss still looked up to follow the
-        hit rate."""
+    def sampled(self, version: models.ModelVersion) -> bool:
+        """Whether this request is the version's SAMPLE_EVERY-th: looked up in both tiers whatever the rates
+        say, so the rates follow the traffic."""
+        key = version.key
+        self.requests[key] = count = (self.requests.get(key, 0) + 1) % SAMPLE_EVERY
+        return count == 0
+
+    def rarely_found(self, version: models.ModelVersion) -> bool:
+        """Whether fewer than one request in SAMPLE_EVERY looked up lately was answered by the cache (then
+        the others are not looked up: hashing the inputs and looking costs more than it finds). A version
+        starts as found, so that takes a dozen misses in a row."""
+        return self.found_rate.get(version.key, 1.0) < 1 / SAMPLE_EVERY
+
+    def lookup(self, version: models.ModelVersion, rows: int, sampled: bool = False) -> Lookup:
+        """How a run of `rows` rows missing in this process's copy should go to Redis. FIRST until the costs
+        are measured, for a run over OVERLAP_BELOW round trips (single flight is worth its wait), and when
+        the run's cost times the hit rate (what waiting saves) passes a round trip (what it loses).
+        Otherwise OVERLAP, or SKIP while fewer than one lookup in SAMPLE_EVERY hits, unless `sampled`."""
         key = version.key
         per_row, round_trip = self.per_row_s.get(key), self.round_trip_s
         if per_row is None or round_trip is None:
@@ -414,11 +456,13 @@ class Costs:
         cost, hit_rate = per_row * rows, self.hit_rate.get(key, 0.0)
         if cost >= OVERLAP_BELOW * round_trip or cost * hit_rate >= round_trip:
             return Lookup.FIRST
-        if hit_rate < 1 / SAMPLE_EVERY:
-            self.skipped[key] = (self.skipped.get(key, 0) + 1) % SAMPLE_EVERY
-            if self.skipped[key]:
-                return Lookup.SKIP
+        if hit_rate < 1 / SAMPLE_EVERY and not sampled:
+            return Lookup.SKIP
         return Lookup.OVERLAP
+
+    def found(self, version: models.ModelVersion, hit: bool) -> None:
+        key = version.key
+        self.found_rate[key] = _average(self.found_rate.get(key, 1.0), float(hit), self.WEIGHT)
 
     def ran(self, version: models.ModelVersion, seconds: float, rows: int) -> None:
         key = version.key
@@ -445,11 +489,9 @@ def _rows(inputs: Mapping[str, np.ndarray]) -> int:
     return int(first.shape[0]) if first is not None and first.ndim else 1
 
 
-def _nbytes(array: np.ndarray) -> int:
-    """Bytes held by an array, with its items' for an array of byte or text strings (about 50 each besides)."""
-    if array.dtype.kind == "O":
-        return array.nbytes + 50 * array.size + sum(map(len, array.reshape(-1)))
-    return array.nbytes
+def _outputs(version: models.ModelVersion, packed: bytes) -> Outputs:
+    """The outputs of a stored answer: the graph's, as stored, and those derived from them."""
+    return postprocess.derive(version.spec, unpack(packed))
 
 
 class Breaker:

@@ -135,7 +135,7 @@ def test_another_process_hits_the_shared_entry_and_repeats_are_answered_in_proce
         fresh.delete(key)
     kept = predict(other.test_client(), ROWS[:3])  # kept in-process, with its Redis entry's remaining TTL
     assert kept.headers["X-Cache"] == "HIT" and kept.get_json() == first.get_json()
-    (expires_at, _, _), = other.extensions["cache"].local.entries.values()
+    (expires_at, _), = other.extensions["cache"].local.entries.values()
     assert 290 < expires_at - time.monotonic() <= 300
     other.extensions["cache"].flush()
 
@@ -182,13 +182,19 @@ def test_how_a_miss_goes_to_redis_follows_the_model_s_cost_and_hit_rate(app: Fla
     assert cache.costs.lookup(version, 100_000) is Lookup.FIRST  # that many rows would: single flight
     ways = [miss() for _ in range(2 * cache_module.SAMPLE_EVERY)]  # lookups never hit: hardly ever looked up
     assert ways.count(["model", "lookup reply"]) == 2 and ways.count(["model"]) == len(ways) - 2
+    assert cache.costs.rarely_found(version)  # nor are these requests looked up in this process's copy
     cache.flush()
     stored = [k for k in fresh.scan_iter("cache:digits-heavy:*") if not k.endswith(b":lock")]
     assert len(stored) == len(ways) + 2 and not list(fresh.scan_iter("cache:digits-heavy:*:lock"))
     assert cache.stats()["digits-heavy"] == {"hits": 0, "misses": len(ways) + 2}
+    again = {"pixels": ROWS[:1]}  # the first miss's rows, repeated: stored, but not looked up at first
+    outcomes = [cache.predict(version, again).outcome for _ in range(cache_module.SAMPLE_EVERY + 4)]
+    first_hit = outcomes.index(Outcome.HIT)  # a sampled request found it...
+    assert first_hit < cache_module.SAMPLE_EVERY and set(outcomes[first_hit:]) == {Outcome.HIT}  # ...then all
     key = version.key
-    cache.costs.hit_rate[key], cache.costs.round_trip_s = 0.2, 1.0  # some hit, and hits would save less than
-    assert [miss() for _ in range(3)] == [["model", "lookup reply"]] * 3  # a (slow) round trip: overlapped
+    cache.costs.found_rate[key] = cache.costs.hit_rate[key] = 0.2  # some found, some hit in Redis, and hits
+    cache.costs.round_trip_s = 1.0  # would save less than a (slow) round trip: overlapped
+    assert [miss() for _ in range(3)] == [["model", "lookup reply"]] * 3
     cache.costs.hit_rate[key], cache.costs.round_trip_s = 1.0, 1e-6  # all hit, saving more than a round trip
     assert miss() == ["lookup reply", "model"]
 
@@ -260,22 +266,36 @@ def test_both_caches_through_the_real_web_process(live_server: str, fresh: redis
 
 
 def test_the_in_process_copy_keeps_the_latest_entries_within_its_bytes():
-    one = {"probabilities": np.zeros((100, 10), np.float32)}  # 4,000 bytes + overhead
+    one = bytes(4000)
     local = cache_module.Local(max_bytes=3 * (4000 + cache_module.Local.OVERHEAD))
     for key in "abc":
-        local.put(key, {k: v.copy() for k, v in one.items()}, ttl_ms=60_000)
-    assert local.get("a") is not None  # now the most recently used
-    local.put("d", {k: v.copy() for k, v in one.items()}, ttl_ms=60_000)
+        local.put(key, one, ttl_ms=60_000)
+    assert local.get("a") == one  # now the most recently used
+    local.put("d", one, ttl_ms=60_000)
     assert [k for k in "abcd" if local.get(k) is not None] == ["a", "c", "d"]
-    assert local.size <= local.max_bytes
-    kept = local.get("a")["probabilities"]
-    with pytest.raises(ValueError, match="read-only"):
-        kept[0, 0] = 1.0  # shared by every caller: nobody may write into it
-    local.put("e", {"label": np.zeros(1, np.int64)}, ttl_ms=1)
+    assert local.size == 3 * (4000 + cache_module.Local.OVERHEAD)
+    local.put("e", b"x", ttl_ms=1)
     time.sleep(0.01)
     assert local.get("e") is None and "e" not in local.entries
-    assert cache_module.Local(max_bytes=0).put("x", one, 1000) is one
+    local.clear()
+    assert (local.size, local.get("a")) == (0, None)
+    local.put("big", bytes(local.max_bytes), ttl_ms=60_000)  # larger than the whole copy: not kept
+    assert local.get("big") is None and local.size == 0
+    cache_module.Local(max_bytes=0).put("x", one, 1000)
     assert cache_module.Local(max_bytes=0).get("x") is None
+
+
+def test_no_caller_can_change_what_the_next_hit_gets(app: Flask):
+    cache, version = app.extensions["cache"], app.extensions["registry"].get("digits-heavy")
+    computed = cache.predict(version, {"pixels": ROWS[:2]})
+    first = cache.predict(version, {"pixels": ROWS[:2]})
+    assert first.outcome == Outcome.HIT
+    assert set(first.outputs) == set(computed.outputs) == {"label", "probabilities", "label_name"}
+    with pytest.raises(ValueError, match="read-only"):
+        first.outputs["probabilities"][0, 0] = 1.0  # views of the stored bytes
+    first.outputs["label_name"][0] = b"changed"  # derived afresh for each hit
+    second = cache.predict(version, {"pixels": ROWS[:2]})
+    assert all(np.array_equal(second.outputs[name], computed.outputs[name]) for name in computed.outputs)
 
 
 def test_replies_are_parsed_only_once_complete_and_errors_come_back_as_values():
