@@ -36,9 +36,8 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import redis
@@ -88,8 +87,7 @@ class Outcome(StrEnum):
     MISS = "MISS"
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     """A prediction's outputs and whether they came from the cache."""
 
     outputs: Outputs
@@ -132,15 +130,14 @@ class PredictionCache:
         if ttl_s <= 0:
             return Answer(models.predict(version, inputs), Outcome.MISS)
         self.catch_up()  # in case the server did not, after this thread's previous answer
-        rows, ttl_ms = _rows(inputs), int(ttl_s * 1000)
-        sampled = self.costs.sampled(version)
-        if not sampled and self.costs.rarely_found(version):  # not looked up: the key is made behind the answer
+        ttl_ms, sampled = int(ttl_s * 1000), self.costs.sampled(version)
+        if sampled is None:  # not looked up: the key is made behind the answer
             started = time.perf_counter()
             outputs = models.predict(version, inputs)
             took = time.perf_counter() - started
-            self._finish(behind, lambda: self._unlooked(version, inputs, outputs, rows, took, ttl_ms))
+            self._finish(behind, lambda: self._unlooked(version, inputs, outputs, took, ttl_ms))
             return Answer(outputs, Outcome.MISS)
-        answer = self._look(version, inputs, rows, ttl_ms, sampled, behind)
+        answer = self._look(version, inputs, _rows(inputs), ttl_ms, sampled, behind)
         self.costs.found(version, answer.outcome is Outcome.HIT)
         return answer
 
@@ -183,12 +180,13 @@ class PredictionCache:
             return self._kept(version, key, waited, ttl_ms), True, False
         return self._run(version, inputs, rows), False, found is not None and found[0] == 0
 
-    def _unlooked(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], outputs: Outputs, rows: int,
-                  took: float, ttl_ms: int) -> None:
-        """What a prediction that was not looked up leaves for later: its cost, its count, its store."""
-        self.costs.ran(version, took, rows)
+    def _unlooked(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], outputs: Outputs, took: float,
+                  ttl_ms: int) -> None:
+        """What a prediction that was not looked up leaves for later: its cost, its count, its store (in Redis
+        only: while requests are rarely found, this process keeps the entries that are)."""
+        self.costs.ran(version, took, _rows(inputs))
         self._count(version.name, "misses")
-        self._store(version, f"cache:{version.key}:{digest(inputs)}", outputs, ttl_ms, locked=False)
+        self._store(version, f"cache:{version.key}:{digest(inputs)}", outputs, ttl_ms, locked=False, keep=False)
 
     def _finish(self, behind: bool, work: Callable[[], None]) -> None:
         """Do `work` now, or with `behind` once the answer has been sent (`catch_up`)."""
@@ -256,11 +254,13 @@ class PredictionCache:
         self.local.put(key, packed, ttl_ms)
         return _outputs(version, packed)
 
-    def _store(self, version: models.ModelVersion, key: str, outputs: Outputs, ttl_ms: int, locked: bool) -> None:
-        """Keep the answer here, and store it in Redis without waiting: at once when this request holds the
-        key's lock (others may be waiting for the answer), else with the next batch."""
+    def _store(self, version: models.ModelVersion, key: str, outputs: Outputs, ttl_ms: int, locked: bool,
+               keep: bool = True) -> None:
+        """Keep the answer here (with `keep`), and store it in Redis without waiting: at once when this
+        request holds the key's lock (others may be waiting for the answer), else with the next batch."""
         stored = pack({o.name: outputs[o.name] for o in version.spec.runtime_outputs})  # derived again on a hit
-        self.local.put(key, stored, ttl_ms)
+        if keep:
+            self.local.put(key, stored, ttl_ms)
         if self.breaker.open:
             return
         if locked:
@@ -431,12 +431,14 @@ class Costs:
         self.requests: dict[str, int] = {}
         self.round_trip_s: float | None = None
 
-    def sampled(self, version: models.ModelVersion) -> bool:
-        """Whether this request is the version's SAMPLE_EVERY-th: looked up in both tiers whatever the rates
-        say, so the rates follow the traffic."""
+    def sampled(self, version: models.ModelVersion) -> bool | None:
+        """Whether this request is the version's SAMPLE_EVERY-th, looked up in both tiers whatever the rates
+        say (so they follow the traffic); None when it is not and is not to be looked up at all."""
         key = version.key
         self.requests[key] = count = (self.requests.get(key, 0) + 1) % SAMPLE_EVERY
-        return count == 0
+        if count == 0:
+            return True
+        return None if self.rarely_found(version) else False
 
     def rarely_found(self, version: models.ModelVersion) -> bool:
         """Whether fewer than one request in SAMPLE_EVERY looked up lately was answered by the cache (then

@@ -186,6 +186,7 @@ def test_how_a_miss_goes_to_redis_follows_the_model_s_cost_and_hit_rate(app: Fla
     cache.flush()
     stored = [k for k in fresh.scan_iter("cache:digits-heavy:*") if not k.endswith(b":lock")]
     assert len(stored) == len(ways) + 2 and not list(fresh.scan_iter("cache:digits-heavy:*:lock"))
+    assert len(cache.local.entries) < len(stored)  # kept in-process: the misses looked up; the others in Redis only
     assert cache.stats()["digits-heavy"] == {"hits": 0, "misses": len(ways) + 2}
     again = {"pixels": ROWS[:1]}  # the first miss's rows, repeated: stored, but not looked up at first
     outcomes = [cache.predict(version, again).outcome for _ in range(cache_module.SAMPLE_EVERY + 4)]
