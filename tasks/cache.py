@@ -415,15 +415,17 @@ class Local:
 
 
 class Costs:
-    """What each version's runs cost (per row) and how often its lookups hit, and what a lookup costs:
-    moving averages. Costs fall at once to a cheaper figure and rise slowly, so a first run that loaded the
-    session, a first lookup that connected, or a pause of the process does not stand for the usual cost.
-    Round trips are learnt from the lookups that wait for their reply."""
+    """What each version's runs cost (per row, for runs of about as many rows: a row costs less in a bigger
+    batch) and how often its lookups hit, and what a lookup costs: moving averages. Costs fall at once to a
+    cheaper figure and rise slowly, so a first run that loaded the session, a first lookup that connected, or
+    a pause of the process does not stand for the usual cost. Round trips are learnt from the lookups that
+    wait for their reply."""
 
     WEIGHT = 0.2
 
     def __init__(self) -> None:
-        self.per_row_s: dict[str, float] = {}  # by `ModelVersion.key`, as the rest
+        self.per_row_s: dict[tuple[str, int], float] = {}
+        """By `ModelVersion.key` (as the rest) and the run's rows rounded down to a power of two."""
         self.hit_rate: dict[str, float] = {}
         """Of the lookups sent to Redis, how many hit."""
         self.found_rate: dict[str, float] = {}
@@ -452,7 +454,7 @@ class Costs:
         the run's cost times the hit rate (what waiting saves) passes a round trip (what it loses).
         Otherwise OVERLAP, or SKIP while fewer than one lookup in SAMPLE_EVERY hits, unless `sampled`."""
         key = version.key
-        per_row, round_trip = self.per_row_s.get(key), self.round_trip_s
+        per_row, round_trip = self.per_row_s.get((key, _bucket(rows))), self.round_trip_s
         if per_row is None or round_trip is None:
             return Lookup.FIRST
         cost, hit_rate = per_row * rows, self.hit_rate.get(key, 0.0)
@@ -467,7 +469,7 @@ class Costs:
         self.found_rate[key] = _average(self.found_rate.get(key, 1.0), float(hit), self.WEIGHT)
 
     def ran(self, version: models.ModelVersion, seconds: float, rows: int) -> None:
-        key = version.key
+        key = version.key, _bucket(rows)
         self.per_row_s[key] = _falling(self.per_row_s.get(key), seconds / max(rows, 1), self.WEIGHT)
 
     def looked_up(self, version: models.ModelVersion, round_trip_s: float | None, hit: bool) -> None:
@@ -475,6 +477,11 @@ class Costs:
         self.hit_rate[key] = _average(self.hit_rate.get(key), float(hit), self.WEIGHT)
         if round_trip_s is not None:
             self.round_trip_s = _falling(self.round_trip_s, round_trip_s, self.WEIGHT)
+
+
+def _bucket(rows: int) -> int:
+    """Runs of 1, 2-3, 4-7, 8-15, ... rows."""
+    return max(rows, 1).bit_length()
 
 
 def _average(before: float | None, now: float, weight: float) -> float:

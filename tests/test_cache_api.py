@@ -385,3 +385,19 @@ def test_stores_nobody_waits_for_are_written_together(app: Flask, fresh: redis.R
     writes.add(("SET", "cache:t:again", "1"))
     app.extensions["cache"].flush()  # written now, and run by Redis before flush returns
     assert fresh.exists("cache:t:again")
+
+
+def test_run_costs_are_learnt_per_batch_size():
+    from types import SimpleNamespace
+
+    costs, version, Lookup = cache_module.Costs(), SimpleNamespace(key="m:1:f"), cache_module.Lookup
+    costs.round_trip_s = 0.2e-3
+    costs.ran(version, 0.5e-3, rows=1)  # a row alone: 0.5 ms
+    costs.ran(version, 10e-3, rows=500)  # in a batch of 500: 20 us a row
+    costs.hit_rate[version.key] = 1.0
+    assert costs.lookup(version, 1) is Lookup.FIRST  # a hit saves 0.5 ms, more than a round trip
+    assert costs.lookup(version, 500) is Lookup.FIRST  # 10 ms: over 20 round trips, single flight
+    costs.hit_rate[version.key] = 0.1
+    assert costs.lookup(version, 1) is Lookup.OVERLAP  # saves 0.05 ms on average: not worth the wait
+    assert costs.lookup(version, 300) is Lookup.FIRST  # priced as the 500-row batches: 6 ms
+    assert costs.lookup(version, 50) is Lookup.FIRST  # never measured at that size
