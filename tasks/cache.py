@@ -131,7 +131,7 @@ class PredictionCache:
             return Answer(models.predict(version, inputs), Outcome.MISS)
         self.catch_up()  # in case the server did not, after this thread's previous answer
         ttl_ms, sampled = int(ttl_s * 1000), self.costs.sampled(version)
-        if sampled is None:  # not looked up: the key is made behind the answer
+        if not sampled and self.costs.rarely_found(version):  # not looked up: the key is made behind the answer
             started = time.perf_counter()
             outputs = models.predict(version, inputs)
             took = time.perf_counter() - started
@@ -360,9 +360,10 @@ class Writes:
             with self.lock:
                 if not self.came.wait_for(lambda: self.waiting, timeout=WRITER_IDLE_S):
                     self.writer = None
-                    return
+                    break
             time.sleep(WRITE_DELAY_S)
             self.write()
+        self.cache.lines.close()
 
 
 class Local:
@@ -433,14 +434,12 @@ class Costs:
         self.requests: dict[str, int] = {}
         self.round_trip_s: float | None = None
 
-    def sampled(self, version: models.ModelVersion) -> bool | None:
-        """Whether this request is the version's SAMPLE_EVERY-th, looked up in both tiers whatever the rates
-        say (so they follow the traffic); None when it is not and is not to be looked up at all."""
+    def sampled(self, version: models.ModelVersion) -> bool:
+        """Whether this request is the version's SAMPLE_EVERY-th: looked up in both tiers whatever the rates
+        say, so the rates follow the traffic."""
         key = version.key
         self.requests[key] = count = (self.requests.get(key, 0) + 1) % SAMPLE_EVERY
-        if count == 0:
-            return True
-        return None if self.rarely_found(version) else False
+        return count == 0
 
     def rarely_found(self, version: models.ModelVersion) -> bool:
         """Whether fewer than one request in SAMPLE_EVERY looked up lately was answered by the cache (then

@@ -155,6 +155,13 @@ class Lines:
             self._local.pid = os.getpid()
         return line
 
+    def close(self) -> None:
+        """Close the calling thread's line, if it has one (a thread about to end)."""
+        line = getattr(self._local, "line", None)
+        if line is not None:
+            line.close()
+            self._local.line = None
+
     def call(self, *command: object) -> object:
         """One command's reply, as redis-py would give it: a refused command raises its `ResponseError`."""
         line = self.get()
