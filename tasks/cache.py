@@ -17,15 +17,15 @@ as it serves (`Costs`):
   process's answer would cost about as much as computing it), unless its lookups hit so often that waiting
   for them saves more than the round trip costs;
 - while hardly any request is found in either tier (under one in `SAMPLE_EVERY` of those looked up), only
-  every `SAMPLE_EVERY`-th is looked up; the others go straight to the model, their inputs hashed and their
-  answers stored behind the answer, so repeats are noticed when they come.
+  every `SAMPLE_EVERY`-th request to a cheap model is looked up; the others go straight to the model, their
+  inputs hashed and their answers stored behind the answer, so repeats are noticed when they come.
 The answer is stored and the lock released by commands whose replies nobody waits for (they are read on the
 way to the next lookup's); a store no other request can be waiting for (its key was not locked) goes with a
 batch (`Writes`): each write wakes Redis, which on a host it shares with the web process takes the cores the
-next model run needs. Hits answered in-process go to
-Redis with the next write, within `COUNT_EVERY_S` of traffic (at once for `stats`). Only the graph's outputs
-are stored; derived ones are derived again on a hit. Redis unreachable: predictions are served uncached, and
-Redis is left alone for `RETRY_S` before it is tried again, so no request waits on it twice.
+next model run needs. Hits answered in-process go to Redis with the next write, within `COUNT_EVERY_S` of
+traffic (at once for `stats`). Only the graph's outputs are stored; derived ones are derived again on a hit.
+Redis unreachable: predictions are served uncached, and Redis is left alone for `RETRY_S` before it is tried
+again, so no request waits on it twice.
 """
 
 from __future__ import annotations
@@ -130,14 +130,15 @@ class PredictionCache:
         if ttl_s <= 0:
             return Answer(models.predict(version, inputs), Outcome.MISS)
         self.catch_up()  # in case the server did not, after this thread's previous answer
-        ttl_ms, sampled = int(ttl_s * 1000), self.costs.sampled(version)
-        if not sampled and self.costs.rarely_found(version):  # not looked up: the key is made behind the answer
+        ttl_ms, rows, sampled = int(ttl_s * 1000), _rows(inputs), self.costs.sampled(version)
+        if not sampled and self.costs.rarely_found(version) and self.costs.cheap(version, rows):
+            # not looked up (an expensive model always is: single flight); the key is made behind the answer
             started = time.perf_counter()
             outputs = models.predict(version, inputs)
             took = time.perf_counter() - started
-            self._finish(behind, lambda: self._unlooked(version, inputs, outputs, took, ttl_ms))
+            self._finish(behind, lambda: self._unlooked(version, inputs, outputs, rows, took, ttl_ms))
             return Answer(outputs, Outcome.MISS)
-        answer = self._look(version, inputs, _rows(inputs), ttl_ms, sampled, behind)
+        answer = self._look(version, inputs, rows, ttl_ms, sampled, behind)
         self.costs.found(version, answer.outcome is Outcome.HIT)
         return answer
 
@@ -180,11 +181,11 @@ class PredictionCache:
             return self._kept(version, key, waited, ttl_ms), True, False
         return self._run(version, inputs, rows), False, found is not None and found[0] == 0
 
-    def _unlooked(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], outputs: Outputs, took: float,
-                  ttl_ms: int) -> None:
+    def _unlooked(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], outputs: Outputs, rows: int,
+                  took: float, ttl_ms: int) -> None:
         """What a prediction that was not looked up leaves for later: its cost, its count, its store (in Redis
         only: while requests are rarely found, this process keeps the entries that are)."""
-        self.costs.ran(version, took, _rows(inputs))
+        self.costs.ran(version, took, rows)
         self._count(version.name, "misses")
         self._store(version, f"cache:{version.key}:{digest(inputs)}", outputs, ttl_ms, locked=False, keep=False)
 
@@ -452,16 +453,24 @@ class Costs:
         are measured, for a run over OVERLAP_BELOW round trips (single flight is worth its wait), and when
         the run's cost times the hit rate (what waiting saves) passes a round trip (what it loses).
         Otherwise OVERLAP, or SKIP while fewer than one lookup in SAMPLE_EVERY hits, unless `sampled`."""
-        key = version.key
-        per_row, round_trip = self.per_row_s.get((key, _bucket(rows))), self.round_trip_s
-        if per_row is None or round_trip is None:
+        if not self.cheap(version, rows):
             return Lookup.FIRST
-        cost, hit_rate = per_row * rows, self.hit_rate.get(key, 0.0)
-        if cost >= OVERLAP_BELOW * round_trip or cost * hit_rate >= round_trip:
+        cost, hit_rate = self.cost(version, rows) or 0.0, self.hit_rate.get(version.key, 0.0)
+        if cost * hit_rate >= (self.round_trip_s or 0.0):
             return Lookup.FIRST
         if hit_rate < 1 / SAMPLE_EVERY and not sampled:
             return Lookup.SKIP
         return Lookup.OVERLAP
+
+    def cost(self, version: models.ModelVersion, rows: int) -> float | None:
+        """The seconds a run of `rows` rows is expected to take; None before one of about as many was timed."""
+        per_row = self.per_row_s.get((version.key, _bucket(rows)))
+        return None if per_row is None else per_row * rows
+
+    def cheap(self, version: models.ModelVersion, rows: int) -> bool:
+        """Whether a run of `rows` rows is known to cost less than OVERLAP_BELOW lookup round trips."""
+        cost, round_trip = self.cost(version, rows), self.round_trip_s
+        return cost is not None and round_trip is not None and cost < OVERLAP_BELOW * round_trip
 
     def found(self, version: models.ModelVersion, hit: bool) -> None:
         key = version.key

@@ -148,8 +148,8 @@ def test_a_run_whose_worker_is_killed_completes_after_a_restart(batch_tables: sa
             while not (client.get(status_url).get_json()["done"] >= 1000 and running(batch_tables)):
                 assert time.monotonic() < deadline, "the run never got going"
             kill_group(doomed)  # the worker and its children, in the middle of their chunks
+            held = running(batch_tables)  # counted at once: the leases of these rows expire a few seconds on
         midway = client.get(status_url).get_json()
-        held = running(batch_tables)
         assert midway["status"] == "running" and midway["done"] < 20_000 and held, midway
         with celery_worker(url, "batch", tmp_path / "restarted.log", env=env, tag="-restarted"):
             run = finished(client, status_url)

@@ -183,11 +183,14 @@ def test_how_a_miss_goes_to_redis_follows_the_model_s_cost_and_hit_rate(app: Fla
     ways = [miss() for _ in range(2 * cache_module.SAMPLE_EVERY)]  # lookups never hit: hardly ever looked up
     assert ways.count(["model", "lookup reply"]) == 2 and ways.count(["model"]) == len(ways) - 2
     assert cache.costs.rarely_found(version)  # nor are these requests looked up in this process's copy
+    round_trip, cache.costs.round_trip_s = cache.costs.round_trip_s, 1e-9  # as if the model cost many lookups:
+    assert miss() == ["lookup reply", "model"]  # looked up first all the same (single flight)
+    cache.costs.round_trip_s = round_trip
     cache.flush()
     stored = [k for k in fresh.scan_iter("cache:digits-heavy:*") if not k.endswith(b":lock")]
-    assert len(stored) == len(ways) + 2 and not list(fresh.scan_iter("cache:digits-heavy:*:lock"))
+    assert len(stored) == len(ways) + 3 and not list(fresh.scan_iter("cache:digits-heavy:*:lock"))
     assert len(cache.local.entries) < len(stored)  # kept in-process: the misses looked up; the others in Redis only
-    assert cache.stats()["digits-heavy"] == {"hits": 0, "misses": len(ways) + 2}
+    assert cache.stats()["digits-heavy"] == {"hits": 0, "misses": len(ways) + 3}
     again = {"pixels": ROWS[:1]}  # the first miss's rows, repeated: stored, but not looked up at first
     outcomes = [cache.predict(version, again).outcome for _ in range(cache_module.SAMPLE_EVERY + 4)]
     first_hit = outcomes.index(Outcome.HIT)  # a sampled request found it...
