@@ -133,10 +133,8 @@ class PredictionCache:
         ttl_ms, rows, sampled = int(ttl_s * 1000), _rows(inputs), self.costs.sampled(version)
         if not sampled and self.costs.rarely_found(version) and self.costs.cheap(version, rows):
             # not looked up (an expensive model always is: single flight); the key is made behind the answer
-            started = time.perf_counter()
-            outputs = models.predict(version, inputs)
-            took = time.perf_counter() - started
-            self._finish(behind, lambda: self._unlooked(version, inputs, outputs, rows, took, ttl_ms))
+            outputs = self._run(version, inputs, rows)
+            self._finish(behind, lambda: self._unlooked(version, inputs, outputs, ttl_ms))
             return Answer(outputs, Outcome.MISS)
         answer = self._look(version, inputs, rows, ttl_ms, sampled, behind)
         self.costs.found(version, answer.outcome is Outcome.HIT)
@@ -145,7 +143,7 @@ class PredictionCache:
     def _look(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], rows: int, ttl_ms: int,
               sampled: bool, behind: bool) -> Answer:
         """The answer from this process's copy, else from Redis or the model as `Costs.lookup` says."""
-        key = f"cache:{version.key}:{digest(inputs)}"
+        key = _key(version, inputs)
         if (kept := self.local.get(key)) is not None:
             self._count(version.name, "hits")
             return Answer(_outputs(version, kept), Outcome.HIT)
@@ -181,13 +179,12 @@ class PredictionCache:
             return self._kept(version, key, waited, ttl_ms), True, False
         return self._run(version, inputs, rows), False, found is not None and found[0] == 0
 
-    def _unlooked(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], outputs: Outputs, rows: int,
-                  took: float, ttl_ms: int) -> None:
-        """What a prediction that was not looked up leaves for later: its cost, its count, its store (in Redis
-        only: while requests are rarely found, this process keeps the entries that are)."""
-        self.costs.ran(version, took, rows)
+    def _unlooked(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], outputs: Outputs,
+                  ttl_ms: int) -> None:
+        """What a prediction that was not looked up leaves for later: its count and its store (in Redis only:
+        while requests are rarely found, this process keeps the entries that are)."""
         self._count(version.name, "misses")
-        self._store(version, f"cache:{version.key}:{digest(inputs)}", outputs, ttl_ms, locked=False, keep=False)
+        self._store(version, _key(version, inputs), outputs, ttl_ms, locked=False, keep=False)
 
     def _finish(self, behind: bool, work: Callable[[], None]) -> None:
         """Do `work` now, or with `behind` once the answer has been sent (`catch_up`)."""
@@ -504,6 +501,11 @@ def _falling(before: float | None, now: float, weight: float) -> float:
 def _rows(inputs: Mapping[str, np.ndarray]) -> int:
     first = next(iter(inputs.values()), None)
     return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+def _key(version: models.ModelVersion, inputs: Mapping[str, np.ndarray]) -> str:
+    """The cache key of a version's answer to `inputs`."""
+    return f"cache:{version.key}:{digest(inputs)}"
 
 
 def _outputs(version: models.ModelVersion, packed: bytes) -> Outputs:
