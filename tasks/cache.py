@@ -289,6 +289,10 @@ class PredictionCache:
         if (line := self._send(("PING",))) is not None:
             self._read(line)
 
+    def close(self) -> None:
+        """Close this cache's Redis lines, every thread's (what is waiting to be written is dropped)."""
+        self.lines.close_all()
+
     def stats(self) -> dict[str, dict[str, int]]:
         """Hits and misses counted per model, across every web process."""
         self.flush()

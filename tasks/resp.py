@@ -147,12 +147,18 @@ class Lines:
     def __init__(self, client: redis.Redis):
         self.client = client
         self._local = threading.local()
+        self._lines: list[Line] = []
+        """Every line this process opened and did not close, whichever thread holds it (for `close_all`)."""
+        self._pid = os.getpid()
 
     def get(self) -> Line:
         line = getattr(self._local, "line", None)
         if line is None or self._local.pid != os.getpid():
             line = self._local.line = Line(self.client)
             self._local.pid = os.getpid()
+            if self._pid != os.getpid():  # a new process: the parent's lines are not its own
+                self._lines, self._pid = [], os.getpid()
+            self._lines.append(line)
         return line
 
     def close(self) -> None:
@@ -161,6 +167,14 @@ class Lines:
         if line is not None:
             line.close()
             self._local.line = None
+            if line in self._lines:
+                self._lines.remove(line)
+
+    def close_all(self) -> None:
+        """Close every line of this process (its owner is done with Redis, e.g. an app being torn down)."""
+        lines, self._lines = self._lines, []
+        for line in lines:
+            line.close()
 
     def call(self, *command: object) -> object:
         """One command's reply, as redis-py would give it: a refused command raises its `ResponseError`."""

@@ -49,6 +49,7 @@ def app(repo: Path, fresh: redis.Redis, redis_url: str) -> Iterator[Flask]:
     app = create_app({"TESTING": True, "models_dir": repo, "reload_interval_s": 0.0, "redis_url": redis_url})
     yield app
     app.extensions["cache"].flush()  # no count of this test reaches Redis during the next one
+    app.extensions["cache"].close()
 
 
 def predict(client: FlaskClient, rows: np.ndarray, path: str = "/v1/models/digits-heavy:predict"):
@@ -138,6 +139,7 @@ def test_another_process_hits_the_shared_entry_and_repeats_are_answered_in_proce
     (expires_at, _), = other.extensions["cache"].local.entries.values()
     assert 290 < expires_at - time.monotonic() <= 300
     other.extensions["cache"].flush()
+    other.extensions["cache"].close()
 
 
 def test_hits_answered_in_process_reach_the_shared_counts_with_later_traffic(app: Flask, repo: Path,
@@ -152,6 +154,7 @@ def test_hits_answered_in_process_reach_the_shared_counts_with_later_traffic(app
     time.sleep(0.06)
     predict(client, ROWS[:2])  # past COUNT_EVERY_S: this hit sends the counts on its own
     assert other.extensions["cache"].stats()["digits-heavy"] == {"hits": 3, "misses": 1}
+    other.extensions["cache"].close()
 
 
 def test_how_a_miss_goes_to_redis_follows_the_model_s_cost_and_hit_rate(app: Flask, fresh: redis.Redis,
@@ -324,11 +327,15 @@ def test_replies_are_parsed_only_once_complete_and_errors_come_back_as_values():
 def test_a_line_skips_the_replies_nobody_wanted(fresh: redis.Redis):
     from tasks import resp
 
-    line = resp.Lines(fresh).get()
+    lines, others = resp.Lines(fresh), resp.Lines(fresh)
+    line = lines.get()
     line.send(resp.encode(("SET", "cache:t", "1"), ("EVAL", "return redis.call('INCR', 'x', 'y')", 0),
                           ("GET", "cache:t")), [False, False, True])
     assert line.reply() == b"1"  # the failed script's error was read past (and logged), not returned
-    assert not line.owed and resp.Lines(fresh).get() is not line
+    assert not line.owed and others.get() is not line
+    lines.close_all()
+    others.close_all()
+    assert line.connection._sock is None  # closed, not left for the garbage collector
 
 
 def test_a_line_runs_a_script_redis_forgot_and_reports_redis_down_as_redis_py_does(fresh: redis.Redis):
@@ -341,6 +348,7 @@ def test_a_line_runs_a_script_redis_forgot_and_reports_redis_down_as_redis_py_do
     assert lines.script(script, ["k"], ["w"]) == b"wk"  # by digest now
     with pytest.raises(redis.ResponseError):
         lines.call("INCR", "no", "such", "arity")
+    lines.close_all()
     down = resp.Lines(redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5))
     with pytest.raises(redis.ConnectionError):
         down.call("PING")
@@ -349,13 +357,15 @@ def test_a_line_runs_a_script_redis_forgot_and_reports_redis_down_as_redis_py_do
 def test_a_line_that_gets_no_reply_in_time_raises_redis_py_s_timeout(redis_url: str):
     from tasks import resp
 
-    line = resp.Lines(redis.Redis.from_url(redis_url, socket_timeout=0.2)).get()
+    lines = resp.Lines(redis.Redis.from_url(redis_url, socket_timeout=0.2))
+    line = lines.get()
     line.send(resp.encode(("BLPOP", "cache:never-pushed", 5)), [True])  # Redis holds the reply back for 5 s
     with pytest.raises(redis.TimeoutError):
         line.reply()
     assert not line.owed  # the connection was dropped with what was owed on it
     line.send(resp.encode(("PING",)), [True])  # and the next call connects again
     assert line.reply() == b"PONG"
+    lines.close_all()
 
 
 def test_stores_nobody_waits_for_are_written_together(app: Flask, fresh: redis.Redis,
