@@ -16,7 +16,7 @@ import redis
 import sqlalchemy as sa
 from flask.testing import FlaskClient
 from sklearn.datasets import load_iris
-from workers import celery_beat, celery_worker, kill_group
+from workers import celery_beat, celery_worker, kill_group_holding
 
 from tasks import db
 from webapp import create_app
@@ -147,8 +147,8 @@ def test_a_run_whose_worker_is_killed_completes_after_a_restart(batch_tables: sa
             deadline = time.monotonic() + 60
             while not (client.get(status_url).get_json()["done"] >= 1000 and running(batch_tables)):
                 assert time.monotonic() < deadline, "the run never got going"
-            kill_group(doomed)  # the worker and its children, in the middle of their chunks
-            held = running(batch_tables)  # counted at once: the leases of these rows expire a few seconds on
+            # the worker and its children, frozen in the middle of their chunks; the rows they hold are counted
+            held = kill_group_holding(doomed, lambda: running(batch_tables))
         midway = client.get(status_url).get_json()
         assert midway["status"] == "running" and midway["done"] < 20_000 and held, midway
         with celery_worker(url, "batch", tmp_path / "restarted.log", env=env, tag="-restarted"):

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -62,3 +62,22 @@ def kill_group(process: subprocess.Popen) -> None:
     """SIGKILL a process started in its own session and every child it made."""
     os.killpg(process.pid, signal.SIGKILL)
     process.wait(10)
+
+
+def kill_group_holding(process: subprocess.Popen, held: Callable[[], int], timeout_s: float = 60) -> int:
+    """SIGKILL a process group at a moment it holds work, and answer how much it held then.
+
+    The group is frozen (SIGSTOP) and, once its statements in flight have settled, `held()` counts what it holds.
+    If that is nothing (it was between two pieces of work) it is let go for a moment and frozen again.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        os.killpg(process.pid, signal.SIGSTOP)
+        time.sleep(0.1)
+        count = held()
+        if count:
+            kill_group(process)
+            return count
+        os.killpg(process.pid, signal.SIGCONT)
+        assert time.monotonic() < deadline, "the group never held any work when frozen"
+        time.sleep(0.005)
