@@ -21,7 +21,7 @@ def predict(version: ModelVersion, inputs: Mapping[str, np.ndarray]) -> dict[str
 def arrays(version: ModelVersion, values: Mapping[str, object]) -> dict[str, np.ndarray]:
     """Convert JSON values, one per input name, to arrays of the declared dtypes."""
     _check_names(version, values)
-    return {t.name: tensor.from_values(values[t.name], t.dtype, f"input {t.name!r}")
+    return {t.name: tensor.from_values(values[t.name], t.dtype, t.where)
             for t in version.spec.inputs if t.name in values}
 
 
@@ -66,7 +66,7 @@ def _check_names(version: ModelVersion, inputs: Mapping[str, object]) -> None:
 
 
 def _feed(t: TensorSpec, value: np.ndarray, max_pixels: int, images: bool = True) -> np.ndarray:
-    where = f"input {t.name!r}"
+    where = t.where
     if t.image is not None and value.dtype.kind == "O" and not t.dtype.is_bytes:
         if not images:
             return _image_list(value, where)

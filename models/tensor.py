@@ -31,6 +31,11 @@ class TensorSpec:
     source: str | None = None
 
     @functools.cached_property
+    def where(self) -> str:
+        """How messages about this tensor name it, e.g. input 'features'."""
+        return f"input {self.name!r}"
+
+    @functools.cached_property
     def fixed_axes(self) -> tuple[tuple[int, int], ...]:
         """(axis, size) of every dimension that is not -1."""
         return tuple((axis, size) for axis, size in enumerate(self.shape) if size != -1)

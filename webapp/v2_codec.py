@@ -90,7 +90,7 @@ def _inputs(entries: object, version: ModelVersion, reader: _Binary) -> dict[str
             raise BadRequest(f"inputs[{i}]: unknown input {name!r}; inputs are {list(specs)}")
         if name in inputs:
             raise BadRequest(f"inputs[{i}]: input {name!r} given twice")
-        inputs[name] = _tensor(entry, specs[name], reader, f"input {name!r}")
+        inputs[name] = _tensor(entry, specs[name], reader, specs[name].where)
     return inputs
 
 
@@ -215,7 +215,7 @@ def response(version: ModelVersion, request: InferRequest, outputs: dict[str, np
 def _flat(array: np.ndarray, dtype: DType) -> Any:
     if dtype.is_bytes:
         return [v.decode(errors="replace") if isinstance(v, bytes) else str(v) for v in array.reshape(-1)]
-    return np.ascontiguousarray(array).reshape(-1)
+    return array.ravel()  # C order, contiguous: a view when the array already is
 
 
 def _encode(array: np.ndarray, dtype: DType) -> bytes:
