@@ -15,7 +15,6 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
-	$(BIN)/pip install --quiet -e '.[fast]' || echo "note: gunicorn's C HTTP parser could not be built; using its Python parser"
 	touch $(STAMP)
 
 .PHONY: install

@@ -2,7 +2,7 @@
 
 Serve it the way the benchmark does, one onnxruntime session per worker, made after fork:
 
-    gunicorn bench.fastapi_baseline:app -k uvicorn.workers.UvicornWorker -w 2
+    gunicorn bench.fastapi_baseline:app -k uvicorn_worker.UvicornWorker -w 2
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 One run measures, in interleaved rounds so that a noisy shared machine weighs on all alike:
 in-process onnxruntime on the iris model (one row, one intra-op thread); a loopback floor (bench/noop_app.py,
 gunicorn with our worker class and count, an app that does no work); the FastAPI baseline
-(bench/fastapi_baseline.py, gunicorn with 2 uvicorn workers); and our platform (gunicorn with
+(bench/fastapi_baseline.py, gunicorn with 2 uvicorn workers, as ours); and our platform (gunicorn with
 deploy/gunicorn.conf.py, 2 workers) on its TensorFlow Serving `:predict` and V2 `/infer` routes.
 Each point is single-row requests over keep-alive connections on loopback, at each concurrency.
 

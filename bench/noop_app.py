@@ -2,7 +2,7 @@
 
 The benchmark serves it the way our platform is served, so it shares our HTTP stack but does no work:
 
-    gunicorn bench.noop_app:app -k asgi -w 2 --no-control-socket
+    gunicorn bench.noop_app:app -k deploy.worker.WebWorker -w 2 --no-control-socket
 
 Its latency is what any route pays for the HTTP round trip before doing anything.
 """

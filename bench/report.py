@@ -88,8 +88,8 @@ def floor_lines(summary: Figures, gaps: dict[str, float], shares: dict[str, floa
     floor, base = summary[key(FLOOR, c)]["p50_ms"], summary[key(BASELINE, c)]["p50_ms"]
     connections = "one connection" if c == 1 else f"{c} connections"
     lines.append(f"at {connections} the loopback floor is already {shares[key(FLOOR, c)]:.0%} of "
-                 f"FastAPI's p50 ({floor:.3f} of {base:.3f} ms): the HTTP round trip through gunicorn's "
-                 "asgi worker, with no work")
+                 f"FastAPI's p50 ({floor:.3f} of {base:.3f} ms): the HTTP round trip through our web "
+                 "worker (uvicorn's protocol under gunicorn), with no work")
     return lines
 
 

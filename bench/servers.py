@@ -27,11 +27,11 @@ def server_commands(ports: dict[str, int]) -> dict[str, Command]:
     """The command line and environment of each server, bound to loopback on its port."""
     gunicorn = [sys.executable, "-m", "gunicorn"]
     quiet = {**os.environ, "LOG_LEVEL": "warning", "ORT_INTRA_OP_THREADS": "1"}
-    fastapi = [*gunicorn, "bench.fastapi_baseline:app", "-k", "uvicorn.workers.UvicornWorker",
+    fastapi = [*gunicorn, "bench.fastapi_baseline:app", "-k", "uvicorn_worker.UvicornWorker",
                "-w", str(WORKERS), "-b", f"127.0.0.1:{ports['fastapi']}", "--log-level", "warning"]
     # our worker class, worker count and keep-alive (deploy/gunicorn.conf.py), with an app that does nothing
-    floor = [*gunicorn, "bench.noop_app:app", "-k", "asgi", "-w", str(WORKERS), "--no-control-socket",
-             "--keep-alive", "30", "-b", f"127.0.0.1:{ports['floor']}", "--log-level", "warning"]
+    floor = [*gunicorn, "bench.noop_app:app", "-k", "deploy.worker.WebWorker", "-w", str(WORKERS),
+             "--no-control-socket", "--keep-alive", "30", "-b", f"127.0.0.1:{ports['floor']}", "--log-level", "warning"]
     ours = [*gunicorn, "-c", str(ROOT / "deploy" / "gunicorn.conf.py")]
     ours_env = {"BIND": f"127.0.0.1:{ports['ours']}", "WEB_CONCURRENCY": str(WORKERS)}
     return {"floor": (floor, quiet), "fastapi": (fastapi, quiet), "ours": (ours, {**quiet, **ours_env})}

@@ -14,9 +14,10 @@ web_threads = int(os.environ.get("WEB_THREADS", 4))
 wsgi_app = f"webapp.asgi:create_asgi_app(threads={web_threads})"
 bind = os.environ.get("BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", cores))
-# asyncio workers (uvloop) hold the connections; the inference routes run inline, the rest on `web_threads`
-worker_class = "asgi"
-worker_connections = 1000
+# event-loop workers (uvloop, httptools) hold the connections; the inference routes run inline, the rest on
+# `web_threads`; deploy/worker.py applies gunicorn's request-head limits
+worker_class = "deploy.worker.WebWorker"
+worker_connections = 1000  # connections and requests at once per worker; past it, 503
 preload_app = False
 control_socket_disable = True  # one shared default path would collide between instances
 keepalive = 30
@@ -41,6 +42,6 @@ def post_worker_init(worker) -> None:
     """Load every session in the new worker, after fork; then freeze what start-up made, so the garbage
     collector's full passes, which would walk every module, class and session object, skip it (these
     passes were what lengthened the slowest requests)."""
-    worker.asgi.flask.extensions["registry"].warm()
+    worker.wsgi.flask.extensions["registry"].warm()
     gc.collect()
     gc.freeze()

@@ -1,4 +1,4 @@
-"""The ASGI entry point gunicorn's asyncio worker serves: the Flask app behind a small WSGI bridge.
+"""The ASGI entry point the web workers serve (deploy/worker.py): the Flask app behind a small WSGI bridge.
 
 An event loop holds the keep-alive connections. The inference routes run inline on the loop (they are
 short and CPU-bound: a thread hand-off would cost more than the model); every other route runs in a small
