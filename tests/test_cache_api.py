@@ -181,8 +181,10 @@ def test_how_a_miss_goes_to_redis_follows_the_model_s_cost_and_hit_rate(app: Fla
 
     assert miss() == ["lookup reply", "model"]  # cost not known yet: lookup first
     miss()  # the first run loaded the session: one more to know the cost
-    assert cache.costs.lookup(version, 1) is not Lookup.FIRST  # a 1-row run costs far less than 20 lookups
+    assert cache.costs.lookup(version, 1) is not Lookup.FIRST  # a 1-row run costs far less than 40 lookups
     assert cache.costs.lookup(version, 100_000) is Lookup.FIRST  # that many rows would: single flight
+    unlooked, original_unlooked = [], cache._unlooked
+    monkeypatch.setattr(cache, "_unlooked", lambda *args: unlooked.append(args) or original_unlooked(*args))
     ways = [miss() for _ in range(2 * cache_module.SAMPLE_EVERY)]  # lookups never hit: hardly ever looked up
     assert ways.count(["model", "lookup reply"]) == 2 and ways.count(["model"]) == len(ways) - 2
     assert cache.costs.rarely_found(version)  # nor are these requests looked up in this process's copy
@@ -190,10 +192,22 @@ def test_how_a_miss_goes_to_redis_follows_the_model_s_cost_and_hit_rate(app: Fla
     assert miss() == ["lookup reply", "model"]  # looked up first all the same (single flight)
     cache.costs.round_trip_s = round_trip
     cache.flush()
-    stored = [k for k in fresh.scan_iter("cache:digits-heavy:*") if not k.endswith(b":lock")]
-    assert len(stored) == len(ways) + 3 and not list(fresh.scan_iter("cache:digits-heavy:*:lock"))
-    assert len(cache.local.entries) < len(stored)  # kept in-process: the misses looked up; the others in Redis only
+
+    def stored() -> set[bytes]:
+        cache.flush()
+        return {k for k in fresh.scan_iter("cache:digits-heavy:*") if not k.endswith(b":lock")}
+
+    # stored, in both tiers: the misses looked up in either; not those looked up in neither (keys met once)
+    assert len(unlooked) >= cache_module.SAMPLE_EVERY
+    assert len(stored()) == len(ways) + 3 - len(unlooked) == len(cache.local.entries)
+    assert not list(fresh.scan_iter("cache:digits-heavy:*:lock"))
     assert cache.stats()["digits-heavy"] == {"hits": 0, "misses": len(ways) + 3}
+    twice, before = {"pixels": next(rows)[None]}, stored()
+    for met_before in (0, 1):
+        cache.costs.requests[version.key] = 1  # so that neither request is the sampled one
+        assert cache.predict(version, twice).outcome == Outcome.MISS
+        assert len(stored()) == len(before) + met_before  # stored the second time its key is met, in Redis only
+    assert len(cache.local.entries) == len(before)
     again = {"pixels": ROWS[:1]}  # the first miss's rows, repeated: stored, but not looked up at first
     outcomes = [cache.predict(version, again).outcome for _ in range(cache_module.SAMPLE_EVERY + 4)]
     first_hit = outcomes.index(Outcome.HIT)  # a sampled request found it...
@@ -410,7 +424,7 @@ def test_run_costs_are_learnt_per_batch_size():
     costs.ran(version, 10e-3, rows=500)  # in a batch of 500: 20 us a row
     costs.hit_rate[version.key] = 1.0
     assert costs.lookup(version, 1) is Lookup.FIRST  # a hit saves 0.5 ms, more than a round trip
-    assert costs.lookup(version, 500) is Lookup.FIRST  # 10 ms: over 20 round trips, single flight
+    assert costs.lookup(version, 500) is Lookup.FIRST  # 10 ms: over 40 round trips, single flight
     costs.hit_rate[version.key] = 0.1
     assert costs.lookup(version, 1) is Lookup.OVERLAP  # saves 0.05 ms on average: not worth the wait
     assert costs.lookup(version, 300) is Lookup.FIRST  # priced as the 500-row batches: 6 ms
