@@ -17,9 +17,11 @@ as it serves (`Costs`):
   process's answer would cost about as much as computing it), unless its lookups hit so often that waiting
   for them saves more than the round trip costs;
 - while hardly any request is found in either tier (under one in `SAMPLE_EVERY` of those looked up), only
-  every `SAMPLE_EVERY`-th request to a cheap model is looked up; the others go straight to the model, their
-  inputs hashed behind the answer, and their answers stored from the second time their key is met lately
-  (`Seen`; the looked-up ones are stored the first time), so repeats are noticed when they come.
+  every `SAMPLE_EVERY`-th request to a cheap model is looked up (after each of those, the next ones of its
+  size are counted out, `Costs.skip_next`); the others go straight to the model, untimed (the costs are
+  learnt from the looked-up runs), their inputs hashed behind the answer, and their answers stored from the
+  second time their key is met lately (`Seen`; the looked-up ones are stored the first time), so repeats are
+  noticed when they come.
 The answer is stored and the lock released by commands whose replies nobody waits for (they are read on the
 way to the next lookup's); a store no other request can be waiting for (its key was not locked) goes with a
 batch (`Writes`): each write wakes Redis, which on a host it shares with the web process takes the cores the
@@ -135,14 +137,19 @@ class PredictionCache:
         if ttl_s <= 0:
             return Answer(models.predict(version, inputs), Outcome.MISS)
         self.catch_up()  # in case the server did not, after this thread's previous answer
-        ttl_ms, rows, sampled = int(ttl_s * 1000), _rows(inputs), self.costs.sampled(version)
-        if not sampled and self.costs.rarely_found(version) and self.costs.cheap(version, rows):
-            # not looked up (an expensive model always is: single flight); the key is made behind the answer
-            outputs = self._run(version, inputs, rows)
-            self._finish(behind, lambda: self._unlooked(version, inputs, outputs, ttl_ms))
+        rows = _rows(inputs)
+        if self.costs.skipping(version, rows):
+            # not looked up, nor timed (the looked-up runs are); the key is made behind the answer
+            outputs = models.predict(version, inputs)
+            self._finish(behind, lambda: self._unlooked(version, inputs, outputs, int(ttl_s * 1000)))
             return Answer(outputs, Outcome.MISS)
-        answer = self._look(version, inputs, rows, ttl_ms, sampled, behind)
+        # while rarely found, the request after the skipped ones is looked up in both tiers, as sampled ones are
+        rarely = self.costs.rarely_found(version) and self.costs.cheap(version, rows)
+        sampled = rarely or self.costs.sampled(version)
+        answer = self._look(version, inputs, rows, int(ttl_s * 1000), sampled, behind)
         self.costs.found(version, answer.outcome is Outcome.HIT)
+        if rarely:
+            self.costs.skip_next(version, rows)
         return answer
 
     def _look(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], rows: int, ttl_ms: int,
@@ -462,6 +469,8 @@ class Costs:
         self.found_rate: dict[str, float] = {}
         """Of the requests looked up at all, how many were answered from either tier."""
         self.requests: dict[str, int] = {}
+        self.skips: dict[tuple[str, int], int] = {}
+        """Requests left to answer without a lookup, by version and batch-size bucket (`skipping`)."""
         self.round_trip_s: float | None = None
 
     def sampled(self, version: models.ModelVersion) -> bool:
@@ -470,6 +479,22 @@ class Costs:
         key = version.key
         self.requests[key] = count = (self.requests.get(key, 0) + 1) % SAMPLE_EVERY
         return count == 0
+
+    def skip_next(self, version: models.ModelVersion, rows: int) -> None:
+        """After a cheap run's lookup: if the version is still rarely found and the run still cheap, the next
+        SAMPLE_EVERY - 1 requests of this size are answered without one (`skipping` counts them out); rates
+        and costs are judged again at the request after them."""
+        if self.rarely_found(version) and self.cheap(version, rows):
+            self.skips[version.key, _bucket(rows)] = SAMPLE_EVERY - 1
+
+    def skipping(self, version: models.ModelVersion, rows: int) -> bool:
+        """Whether this request is one of those `skip_next` left to answer without a lookup."""
+        key = version.key, _bucket(rows)
+        left = self.skips.get(key)
+        if not left:
+            return False
+        self.skips[key] = left - 1
+        return True
 
     def rarely_found(self, version: models.ModelVersion) -> bool:
         """Whether fewer than one request in SAMPLE_EVERY looked up lately was answered by the cache (then
