@@ -46,7 +46,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, limits: Limits, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.limits = limits
+        self.limits, self.head_limit = limits, limits.head
         self.refused: Refused | None = None
         self.head_bytes = 0  # bytes received while a head is being read
         self.in_head = True
@@ -56,8 +56,8 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             return
         if self.in_head:
             self.head_bytes += len(data)
-            if self.head_bytes > self.limits.head:
-                self.refuse(431, f"request head over {self.limits.head} bytes")
+            if self.head_bytes > self.head_limit:
+                self.refuse(431, f"request head over {self.head_limit} bytes")
                 return
         super().data_received(data)
 
@@ -111,4 +111,4 @@ class WebWorker(UvicornWorker):
         limits = Limits(cfg.limit_request_line or sys.maxsize, cfg.limit_request_fields or sys.maxsize,
                         cfg.limit_request_field_size or sys.maxsize)
         self.config.http = functools.partial(LimitedHttpToolsProtocol, limits=limits)
-        self.config.limit_concurrency = self.cfg.worker_connections
+        self.config.limit_concurrency = cfg.worker_connections

@@ -64,7 +64,8 @@ OVERLAP_BELOW = 40
 waits for its lookup first, which adds at most 1/40 (2.5%) to a miss."""
 SAMPLE_EVERY = 16
 """While fewer than one request in this many is found in the cache, only every this-many-th is looked up (the
-others' answers are still stored); likewise a cheap model's lookups in Redis while they hit that rarely."""
+others' answers are stored from the second time their inputs come, `Seen`); likewise a cheap model's lookups
+in Redis while they hit that rarely."""
 WRITE_BATCH = 16
 """Commands nobody waits for that are written to Redis together (`Writes`)."""
 WRITE_DELAY_S = 0.01
