@@ -16,17 +16,18 @@ as it serves (`Costs`):
 - a cheaper one runs while its lookup is in flight, so a miss costs no round trip (waiting for another
   process's answer would cost about as much as computing it), unless its lookups hit so often that waiting
   for them saves more than the round trip costs;
-- while hardly any request is found in either tier (under one in `SAMPLE_EVERY` of those looked up), only
-  every `SAMPLE_EVERY`-th request to a cheap model is looked up (after each of those, the next ones of its
-  size are counted out, `Costs.skip_next`); the others go straight to the model, untimed (the costs are
-  learnt from the looked-up runs), their inputs hashed behind the answer, and their answers stored from the
-  second time their key is met lately (`Seen`; the looked-up ones are stored the first time), so repeats are
-  noticed when they come.
+- while hardly any request is found in either tier (under one in `SAMPLE_EVERY` of those looked up), a
+  cheap model's requests are not looked up before they are answered. Each `SAMPLE_EVERY`-th is a sample:
+  answered by the model, then behind its answer stored in Redis unless its key is there (`SET NX`, sent by
+  the cache's writer thread), which says whether it would have been found; the next ones of its size are
+  counted out (`Costs.skip_next`) and go straight to the model: not timed (costs are learnt from the
+  samples), hashed or stored. A sample found ends the count, and the requests after it are looked up again.
 The answer is stored and the lock released by commands whose replies nobody waits for (they are read on the
-way to the next lookup's); a store no other request can be waiting for (its key was not locked) goes with a
-batch (`Writes`): each write wakes Redis, which on a host it shares with the web process takes the cores the
-next model run needs. Hits answered in-process go to Redis with the next write, within `COUNT_EVERY_S` of
-traffic (at once for `stats`). Only the graph's outputs are stored; derived ones are derived again on a hit.
+way to the next lookup's, or behind the next sample's answer); a store no other request can be waiting for
+(its key was not locked) goes with a batch (`Writes`): each write wakes Redis, which on a host it shares
+with the web process takes the cores the next model run needs. Hits answered in-process go to Redis with
+the next write, within `COUNT_EVERY_S` of traffic (at once for `stats`). Only the graph's outputs are
+stored; derived ones are derived again on a hit.
 Redis unreachable: predictions are served uncached, and Redis is left alone for `RETRY_S` before it is tried
 again, so no request waits on it twice.
 """
@@ -48,7 +49,7 @@ import redis
 import models
 from models import postprocess
 from models.tensor import digest, pack, unpack
-from tasks.resp import Line, Lines, encode
+from tasks.resp import Line, Lines, Wanted, encode
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -63,17 +64,15 @@ OVERLAP_BELOW = 40
 """A model run estimated below this many lookup round trips runs while its lookup is in flight; one above it
 waits for its lookup first, which adds at most 1/40 (2.5%) to a miss."""
 SAMPLE_EVERY = 16
-"""While fewer than one request in this many is found in the cache, only every this-many-th is looked up (the
-others' answers are stored from the second time their inputs come, `Seen`); likewise a cheap model's lookups
-in Redis while they hit that rarely."""
+"""While fewer than one request in this many is found in the cache, only every this-many-th is sampled (the
+others are neither looked up nor stored); likewise a cheap model's lookups in Redis while they hit that
+rarely."""
 WRITE_BATCH = 16
 """Commands nobody waits for that are written to Redis together (`Writes`)."""
 WRITE_DELAY_S = 0.01
 """Longest such a command waits for others before a thread of the cache's own writes it."""
 WRITER_IDLE_S = 1.0
 """That thread ends after this long with nothing to write (and starts again with the next store)."""
-SEEN_KEYS = 16_384
-"""Keys of answers not looked up that `Seen` remembers, per generation (two are kept)."""
 _LOOKUP = """
 local value = redis.call('GET', KEYS[1])
 if value then
@@ -122,11 +121,10 @@ class PredictionCache:
         self.costs = Costs()
         self.lines = Lines(client)
         self.writes = Writes(self)
-        self.seen = Seen(SEEN_KEYS)
         self._counts: Counter[tuple[str, str]] = Counter()
         self._counts_lock = threading.Lock()
         self._counted_at = time.monotonic()
-        self._behind = threading.local()
+        self._behind = Behind()
 
     def predict(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], behind: bool = False) -> Answer:
         """The version's outputs for `inputs`: from the cache when it holds them, else computed and stored.
@@ -137,20 +135,23 @@ class PredictionCache:
         ttl_s = version.spec.options.cache_ttl_s
         if ttl_s <= 0:
             return Answer(models.predict(version, inputs), Outcome.MISS)
-        self.catch_up()  # in case the server did not, after this thread's previous answer
+        if self._behind.work:
+            self.catch_up()  # in case the server did not, after this thread's previous answer
         rows = _rows(inputs)
-        if self.costs.skipping(version, rows):
-            # not looked up, nor timed (the looked-up runs are); the key is made behind the answer
-            outputs = models.predict(version, inputs)
-            self._finish(behind, lambda: self._unlooked(version, inputs, outputs, int(ttl_s * 1000)))
-            return Answer(outputs, Outcome.MISS)
-        # while rarely found, the request after the skipped ones is looked up in both tiers, as sampled ones are
-        rarely = self.costs.rarely_found(version) and self.costs.cheap(version, rows)
-        sampled = rarely or self.costs.sampled(version)
-        answer = self._look(version, inputs, rows, int(ttl_s * 1000), sampled, behind)
-        self.costs.found(version, answer.outcome is Outcome.HIT)
-        if rarely:
+        if self.costs.skipping(version, rows):  # not looked up, timed, hashed or stored; counted
+            with self._counts_lock:
+                self._counts[version.name, "misses"] += 1
+            return Answer(models.predict(version, inputs), Outcome.MISS)
+        ttl_ms = int(ttl_s * 1000)
+        if self.costs.rarely_found(version) and self.costs.cheap(version, rows):
+            # the request after the counted-out ones: answered by the model, and behind its answer stored
+            # unless the cache holds it (which says whether it would have been found), `_sample`
+            outputs = self._run(version, inputs, rows)
+            self._finish(behind, lambda: self._sample(version, inputs, outputs, rows, ttl_ms))
             self.costs.skip_next(version, rows)
+            return Answer(outputs, Outcome.MISS)
+        answer = self._look(version, inputs, rows, ttl_ms, self.costs.sampled(version), behind)
+        self.costs.found(version, answer.outcome is Outcome.HIT)
         return answer
 
     def _look(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], rows: int, ttl_ms: int,
@@ -192,38 +193,63 @@ class PredictionCache:
             return self._kept(version, key, waited, ttl_ms), True, False
         return self._run(version, inputs, rows), False, found is not None and found[0] == 0
 
-    def _unlooked(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], outputs: Outputs,
-                  ttl_ms: int) -> None:
-        """What a prediction that was not looked up leaves for later: its count, and its store if its key was
-        met lately (while requests are rarely found, most inputs never come back: storing each costs more than
-        it finds). In Redis only: this process keeps the entries that are found."""
+    def _sample(self, version: models.ModelVersion, inputs: dict[str, np.ndarray], outputs: Outputs, rows: int,
+                ttl_ms: int) -> None:
+        """Behind an answer sampled while requests are rarely found: whether the cache held it (Redis holds
+        what this process keeps), learnt from a store made unless it was there, in Redis only (as those
+        counted out). The writer thread sends it (`Writes`), so no request writes it or waits for it."""
+        self._collect()
         self._count(version.name, "misses")
-        if self.seen.again(_sighting(version, inputs)):
-            self._store(version, _key(version, inputs), outputs, ttl_ms, locked=False, keep=False)
+        if self.breaker.open:
+            return
+        stored = pack({o.name: outputs[o.name] for o in version.spec.runtime_outputs})
+
+        def held(reply: object) -> None:  # SET NX answers nil when the key was there
+            if not isinstance(reply, redis.ResponseError):
+                self._learn(version, rows, reply is None)
+
+        self.writes.add(("SET", _key(version, inputs), stored, "NX", "PX", ttl_ms), taker=held)
+
+    def _collect(self) -> None:
+        """Read the replies owed on the line this thread last wrote a batch of stores on (`Writes.add`): no
+        lookup may read past them for a while (they came long since)."""
+        if (line := self._behind.owing) is not None:
+            self._behind.owing = None
+            self._settle(line)
+
+    def _learn(self, version: models.ModelVersion, rows: int, found: bool) -> None:
+        """What a sample behind an answer found: the rates learn it, and once found, the next request of its
+        size is looked up rather than counted out."""
+        self.costs.found(version, found)
+        self.costs.looked_up(version, None, found)
+        if found:
+            self.costs.skips.pop((version.key, _bucket(rows)), None)
 
     def _finish(self, behind: bool, work: Callable[[], None]) -> None:
         """Do `work` now, or with `behind` once the answer has been sent (`catch_up`)."""
         if not behind:
             work()
             return
-        pending = getattr(self._behind, "work", None)
-        if pending is None:
-            pending = self._behind.work = []
-        pending.append(work)
+        self._behind.work.append(work)
 
     def catch_up(self) -> None:
         """Do what this thread's answers left for after they were sent (keep and store them)."""
-        pending = getattr(self._behind, "work", None)
+        pending = self._behind.work
         while pending:
             pending.pop(0)()
 
-    def _send(self, *commands: tuple[object, ...], wanted: bool = True) -> Line | None:
+    def _send(self, *commands: tuple[object, ...], wanted: Wanted = True) -> Line | None:
         """Write `commands` on this thread's line, with the counts taken here since the last write; None if
         Redis failed (then left alone a while)."""
+        return self._write([(command, wanted) for command in commands])
+
+    def _write(self, commands: list[tuple[tuple[object, ...], Wanted]]) -> Line | None:
+        """`_send` for commands each with whether its reply is wanted, or the function it goes to."""
         counts = self._take_counts()
         line = self.lines.get()
         try:
-            line.send(encode(*commands, *counts), [wanted] * len(commands) + [False] * len(counts))
+            line.send(encode(*(command for command, _ in commands), *counts),
+                      [wanted for _, wanted in commands] + [False] * len(counts))
         except redis.RedisError as exc:
             self.breaker.trip(exc)
             return None
@@ -329,10 +355,20 @@ class PredictionCache:
         return None
 
 
+class Behind(threading.local):
+    """A thread's work left for after its answers are sent (`PredictionCache.catch_up`), and the line it last
+    wrote a batch of stores on, if their replies are still owed."""
+
+    def __init__(self) -> None:
+        self.work: list[Callable[[], None]] = []
+        self.owing: Line | None = None
+
+
 class Writes:
     """Commands nobody waits for (stores), written to Redis together: once WRITE_BATCH of them are waiting or
     one must go at once, by the request that adds it; otherwise WRITE_DELAY_S after the first of them by a
-    thread of their own, which waits for Redis to have run them. Those waiting when the process ends are lost
+    thread of their own, which waits for Redis to have run them; that thread writes at once a command whose
+    reply some function takes (`add`), which it hands the reply. Those waiting when the process ends are lost
     (they are cache entries: the answers were sent)."""
 
     def __init__(self, cache: PredictionCache):
@@ -341,35 +377,38 @@ class Writes:
 
     def _start(self) -> None:
         self.pid, self.waiting = os.getpid(), []
+        self.urgent = False
+        """Whether a command waiting has a taker: the writer thread writes it without waiting for others."""
         self.lock = threading.Lock()
         self.came = threading.Condition(self.lock)
         self.writing = threading.Lock()
         """Held while a batch is written and its replies read."""
         self.writer: threading.Thread | None = None
 
-    def add(self, *commands: tuple[object, ...], now: bool = False) -> None:
-        """Write `commands` with the next batch, or `now` (with those waiting)."""
+    def add(self, *commands: tuple[object, ...], now: bool = False, taker: Wanted = False) -> None:
+        """Write `commands` with the next batch, or `now` (with those waiting); their replies go to `taker`."""
         if self.pid != os.getpid():
             self._start()  # a new process: no writer thread here, nothing of the parent's to write
         with self.lock:
-            self.waiting.extend(commands)
+            self.waiting.extend((command, taker) for command in commands)
             if not now and len(self.waiting) < WRITE_BATCH:
                 if self.writer is None:
                     self.writer = threading.Thread(target=self._write_later, name="cache-writes", daemon=True)
                     self.writer.start()
-                elif len(self.waiting) == len(commands):
+                elif len(self.waiting) == len(commands) or (taker and not self.urgent):
                     self.came.notify()
+                self.urgent = self.urgent or bool(taker)
                 return
-            batch, self.waiting = self.waiting, []
-        self.cache._send(*batch, wanted=False)
+            batch, self.waiting, self.urgent = self.waiting, [], False
+        self.cache._behind.owing = self.cache._write(batch)  # read on the way to a lookup, or collected
 
     def write(self) -> None:
         """Write what is waiting now, on the calling thread's line, and wait until Redis has run it (and any
         batch being written meanwhile)."""
         with self.writing:
             with self.lock:
-                batch, self.waiting = self.waiting, []
-            if batch and (line := self.cache._send(*batch, wanted=False)) is not None:
+                batch, self.waiting, self.urgent = self.waiting, [], False
+            if batch and (line := self.cache._write(batch)) is not None:
                 self.cache._settle(line)
 
     def _write_later(self) -> None:
@@ -378,30 +417,9 @@ class Writes:
                 if not self.came.wait_for(lambda: self.waiting, timeout=WRITER_IDLE_S):
                     self.writer = None
                     break
-            time.sleep(WRITE_DELAY_S)
+                self.came.wait_for(lambda: self.urgent, timeout=WRITE_DELAY_S)
             self.write()
         self.cache.lines.close()
-
-
-class Seen:
-    """Keys met lately: the current generation of at most `size` keys and the one before it (a full one
-    becomes the one before), held as their hashes (a collision stores one answer more)."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.current: set[int] = set()
-        self.previous: set[int] = set()
-        self._lock = threading.Lock()
-
-    def again(self, hashed: int) -> bool:
-        """Whether the key hashed to `hashed` was met lately; it is remembered either way."""
-        if hashed in self.current or hashed in self.previous:
-            return True
-        with self._lock:
-            if len(self.current) >= self.size:
-                self.previous, self.current = self.current, set()
-            self.current.add(hashed)
-        return False
 
 
 class Local:
@@ -564,13 +582,6 @@ def _rows(inputs: Mapping[str, np.ndarray]) -> int:
 def _key(version: models.ModelVersion, inputs: Mapping[str, np.ndarray]) -> str:
     """The cache key of a version's answer to `inputs`."""
     return f"cache:{version.key}:{digest(inputs)}"
-
-
-def _sighting(version: models.ModelVersion, inputs: Mapping[str, np.ndarray]) -> int:
-    """A cheap hash telling requests apart for `Seen`: the version and each input's name, dtype, shape and
-    bytes (an object array's items stand for themselves)."""
-    return hash((version.key, *((name, a.dtype.str, a.shape, a.tobytes() if a.dtype.kind != "O" else tuple(a.flat))
-                                for name, a in sorted(inputs.items()))))
 
 
 def _outputs(version: models.ModelVersion, packed: bytes) -> Outputs:

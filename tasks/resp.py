@@ -1,10 +1,12 @@
 """A Redis connection for the hot path of a request: commands written at once, replies read only when wanted.
 
 redis-py's own connection does the connecting (address or socket path, TLS, authentication, database); the
-commands and replies then go over its socket as bytes this module packs and parses (RESP2), which costs a
+commands and replies then go over its socket as bytes this module packs and parses (RESP2, or RESP3, which
+redis-py negotiates from version 8 on: its types come back as the nearest Python ones), which costs a
 request a few microseconds where redis-py's general machinery costs tens. A command whose reply nobody
 needs (`wanted` false) is written and the request goes on; its reply is read, and an error in it
-logged, on the way to the next wanted one. Each thread has its own `Line` (`Lines`), so one request's
+logged, on the way to the next wanted one; one whose reply is wanted later is given a function, which is
+handed the reply when it is read so. Each thread has its own `Line` (`Lines`), so one request's
 commands and replies never interleave with another's; after a fork the child opens its own.
 """
 
@@ -14,13 +16,15 @@ import collections
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import redis
 
 log = logging.getLogger(__name__)
 CRLF = b"\r\n"
+Wanted = bool | Callable[[object], None]
+"""Whether a command's reply is waited for, or the function the reply goes to once it is read (`Line`)."""
 
 
 def encode(*commands: tuple[object, ...]) -> bytes:
@@ -38,33 +42,57 @@ class Incomplete(Exception):
     """The buffer ends inside a reply."""
 
 
+class Push(list):
+    """An out-of-band RESP3 message (e.g. a client-side caching invalidation): not a command's reply."""
+
+
+_LINES: dict[bytes, Callable[[bytes | bytearray], object]] = {
+    b"+": bytes,
+    b":": int,
+    b"(": int,  # a big number
+    b"-": lambda line: redis.ResponseError(bytes(line).decode(errors="replace")),
+    b"_": lambda line: None,
+    b"#": lambda line: line == b"t",
+    b",": float,
+}
+"""The replies held on their first line, by type byte, and how each becomes a value."""
+
+
 def parse(buffer: bytes | bytearray, at: int = 0) -> tuple[object, int]:
     """One reply from `buffer` at offset `at`, and the offset after it; an error reply is returned as a
-    `redis.ResponseError`. Raises `Incomplete` when the reply has not fully arrived."""
+    `redis.ResponseError`, a RESP3 push as a `Push`. Raises `Incomplete` when the reply has not fully arrived."""
     end = buffer.find(CRLF, at)
     if end < 0:
         raise Incomplete
-    kind, line, after = buffer[at:at + 1], buffer[at + 1:end], end + 2
-    if kind == b"+":
-        return bytes(line), after
-    if kind == b":":
-        return int(line), after
-    if kind == b"-":
-        return redis.ResponseError(bytes(line).decode(errors="replace")), after
-    if kind == b"$":
+    kind, line, after = bytes(buffer[at:at + 1]), buffer[at + 1:end], end + 2
+    if (value := _LINES.get(kind)) is not None:
+        return value(line), after
+    if kind in (b"$", b"=", b"!"):  # a string; a verbatim one (after its format, "txt:"); an error so sent
         size = int(line)
         if size < 0:
             return None, after
         if len(buffer) < after + size + 2:
             raise Incomplete
-        return bytes(buffer[after:after + size]), after + size + 2
-    if kind == b"*":
-        count, items = int(line), []
-        for _ in range(max(count, 0)):
-            item, after = parse(buffer, after)
-            items.append(item)
-        return (items if count >= 0 else None), after
+        data = bytes(buffer[after + (4 if kind == b"=" else 0):after + size])
+        return (redis.ResponseError(data.decode(errors="replace")) if kind == b"!" else data), after + size + 2
+    if kind in (b"*", b"~", b">", b"%", b"|"):  # an array, set, push, map or attributes (the last two as pairs)
+        return _items(buffer, kind, int(line), after)
     raise redis.InvalidResponse(f"unexpected reply type {kind!r}")
+
+
+def _items(buffer: bytes | bytearray, kind: bytes, count: int, at: int) -> tuple[object, int]:
+    """The rest of an aggregate reply of `count` items (pairs for a map or attributes) from offset `at`."""
+    items = []
+    for _ in range(max(count, 0) * (2 if kind in (b"%", b"|") else 1)):
+        item, at = parse(buffer, at)
+        items.append(item)
+    if kind == b"|":  # attributes annotate the reply after them, which is what is returned
+        return parse(buffer, at)
+    if count < 0:
+        return None, at
+    if kind == b"%":
+        return dict(zip(items[::2], items[1::2], strict=True)), at
+    return (Push(items) if kind == b">" else items), at
 
 
 class Line:
@@ -73,11 +101,12 @@ class Line:
     def __init__(self, client: redis.Redis):
         self.connection = client.connection_pool.make_connection()
         self.buffer = bytearray()
-        self.owed: collections.deque[bool] = collections.deque()
-        """One entry per reply not read yet, in order: whether someone waits for it."""
+        self.owed: collections.deque[Wanted] = collections.deque()
+        """One entry per reply not read yet, in order: whether someone waits for it, or who takes it."""
 
-    def send(self, payload: bytes, wanted: Sequence[bool]) -> None:
-        """Write `payload`, commands whose replies `reply` hands out where `wanted` says so, else skips.
+    def send(self, payload: bytes, wanted: Sequence[Wanted]) -> None:
+        """Write `payload`, commands whose replies `reply` hands out where `wanted` is true, goes past where it
+        is false, and hands to the function it names on the way (to a wanted reply, or settling).
         A connection that fails or times out raises `redis.ConnectionError` or `redis.TimeoutError`."""
         try:
             if self.connection._sock is None:
@@ -105,9 +134,11 @@ class Line:
                 wanted = self.owed[0]
                 value = self._next()
                 self.owed.popleft()
-                if wanted and to_wanted:
+                if callable(wanted):
+                    wanted(value)
+                elif wanted and to_wanted:
                     return True, value
-                if isinstance(value, redis.ResponseError):  # e.g. out of memory: that store was lost
+                elif isinstance(value, redis.ResponseError):  # e.g. out of memory: that store was lost
                     log.warning("a Redis command failed: %s", value)
         except (OSError, redis.RedisError) as exc:
             self._fail(exc)
@@ -132,7 +163,8 @@ class Line:
                 self.buffer += chunk
                 continue
             del self.buffer[:used]
-            return value
+            if not isinstance(value, Push):
+                return value
 
     def close(self) -> None:
         """Drop the connection and what was owed on it; the next `send` connects again."""

@@ -19,7 +19,7 @@ from werkzeug.wsgi import ClosingIterator
 
 import models
 from models import Registry, answer
-from tasks.cache import PredictionCache
+from tasks.cache import Outcome, PredictionCache
 from tasks.data import DataStore
 from webapp import data, v2_codec, wire
 from webapp.errors import BadRequest, PayloadTooLarge, RequestError, status_of
@@ -127,7 +127,7 @@ class DataPlane:
         if self.cache is None or found.spec.options.cache_ttl_s <= 0:
             return models.predict(found, inputs), {}
         answered = self.cache.predict(found, inputs, behind=True)
-        return answered.outputs, {"X-Cache": answered.outcome.value}
+        return answered.outputs, {"X-Cache": "HIT" if answered.outcome is Outcome.HIT else "MISS"}
 
     def _body(self, call: Call, binary_ok: bool) -> bytes:
         mimetype = call.content_type.split(";", 1)[0].strip().lower()
