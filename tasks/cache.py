@@ -60,9 +60,10 @@ LOCK_MS = 10_000
 WAIT_S = 2.0
 COUNT_EVERY_S = 1.0
 """Hits answered in-process are sent with the next write to Redis, or on their own after this long."""
-OVERLAP_BELOW = 40
+OVERLAP_BELOW = 80
 """A model run estimated below this many lookup round trips runs while its lookup is in flight; one above it
-waits for its lookup first, which adds at most 1/40 (2.5%) to a miss."""
+waits for its lookup first. The wait costs a miss about two of the round trips learnt (the fastest ones, and
+the process idles and wakes), so at most 1/40 (2.5%)."""
 SAMPLE_EVERY = 16
 """While fewer than one request in this many is found in the cache, only every this-many-th is sampled (the
 others are neither looked up nor stored); likewise a cheap model's lookups in Redis while they hit that

@@ -181,7 +181,7 @@ def test_how_a_miss_goes_to_redis_follows_the_model_s_cost_and_hit_rate(app: Fla
 
     assert miss() == ["lookup reply", "model"]  # cost not known yet: lookup first
     miss()  # the first run loaded the session: one more to know the cost
-    assert cache.costs.lookup(version, 1) is not Lookup.FIRST  # a 1-row run costs far less than 40 lookups
+    assert cache.costs.lookup(version, 1) is not Lookup.FIRST  # a 1-row run costs far less than 80 lookups
     assert cache.costs.lookup(version, 100_000) is Lookup.FIRST  # that many rows would: single flight
     looked, sampled = [], []
     for name, into in (("_look", looked), ("_sample", sampled)):
@@ -456,12 +456,12 @@ def test_run_costs_are_learnt_per_batch_size():
     from types import SimpleNamespace
 
     costs, version, Lookup = cache_module.Costs(), SimpleNamespace(key="m:1:f"), cache_module.Lookup
-    costs.round_trip_s = 0.2e-3
+    costs.round_trip_s = 0.1e-3
     costs.ran(version, 0.5e-3, rows=1)  # a row alone: 0.5 ms
     costs.ran(version, 10e-3, rows=500)  # in a batch of 500: 20 us a row
     costs.hit_rate[version.key] = 1.0
     assert costs.lookup(version, 1) is Lookup.FIRST  # a hit saves 0.5 ms, more than a round trip
-    assert costs.lookup(version, 500) is Lookup.FIRST  # 10 ms: over 40 round trips, single flight
+    assert costs.lookup(version, 500) is Lookup.FIRST  # 10 ms: over 80 round trips, single flight
     costs.hit_rate[version.key] = 0.1
     assert costs.lookup(version, 1) is Lookup.OVERLAP  # saves 0.05 ms on average: not worth the wait
     assert costs.lookup(version, 300) is Lookup.FIRST  # priced as the 500-row batches: 6 ms
