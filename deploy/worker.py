@@ -5,17 +5,28 @@ own asyncio worker. It takes no limits on the request head, so the protocol here
 request line (`limit_request_line`), the number of header fields (`limit_request_fields`) and the size of
 each (`limit_request_field_size`); a head that grows past all of them together is refused while it streams,
 before it is parsed whole. A refused request gets a JSON `{"error": ...}` and the connection is closed.
+
+An inference request (`POST` to a data-plane route, `webapp.asgi.Bridge.infer`) is answered by the protocol
+itself, as its body completes: no ASGI scope, task, receive or send, and the whole answer in one write. Any
+other request, and one that comes while an earlier request of its connection is still being answered, goes
+through the ASGI app as uvicorn runs it. Either way a connection's answers go out in the order the requests
+came, with the same status lines, default headers, keep-alive and access log lines.
 """
 
 from __future__ import annotations
 
 import functools
 import sys
+import urllib.parse
 from typing import Any, NamedTuple
 
+import httptools
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn_worker import UvicornWorker
+
+from webapp.asgi import Bridge
+from webapp.dataplane import Route
 
 REASONS = {414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
 
@@ -77,6 +88,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
                 if len(name) + len(value) + 2 > limits.field_size:
                     raise self.refuse_later(431, f"header field {name[:64].decode('latin-1')!r} over "
                                                  f"{limits.field_size} bytes")
+        self.start_request()
+
+    def start_request(self) -> None:
+        """Go on with a request whose head is within the limits: as uvicorn does."""
         super().on_headers_complete()
 
     def send_400_response(self, msg: str) -> None:
@@ -100,6 +115,111 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+class Direct(NamedTuple):
+    """An inference request the protocol answers itself, while its body comes."""
+
+    route: Route
+    keep_alive: bool
+    body: list[bytes]
+
+
+class DataPlaneProtocol(LimitedHttpToolsProtocol):
+    """The limited protocol, answering inference requests without the ASGI machinery."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        app = self.app
+        while not isinstance(app, Bridge) and hasattr(app, "app"):  # through uvicorn's middleware
+            app = app.app
+        self.bridge = app if isinstance(app, Bridge) else None
+        self.direct: Direct | None = None
+        self.direct_size = 0
+        self.reading_paused = False
+        """Whether reading was paused because the client does not read its answers."""
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.direct = None
+
+    def start_request(self) -> None:
+        if not self._answers_itself():
+            super().start_request()
+
+    def _answers_itself(self) -> bool:
+        """Whether this request is one the protocol answers (then `direct` holds it)."""
+        bridge, parser = self.bridge, self.parser
+        if bridge is None or parser.get_method() != b"POST" or parser.should_upgrade() or self.refused is not None:
+            return False
+        if self.pipeline or (self.cycle is not None and not self.cycle.response_complete) or \
+                (self.limit_concurrency is not None and len(self.connections) >= self.limit_concurrency):
+            return False  # answered in turn, or refused with uvicorn's 503
+        try:
+            path = httptools.parse_url(self.url).path.decode("ascii")
+        except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
+            return False  # uvicorn answers it
+        path = urllib.parse.unquote(path) if "%" in path else path
+        if self.root_path or (route := bridge.dataplane.route(path)) is None:
+            return False
+        version = parser.get_http_version()
+        self.direct = Direct(route, version != "1.0" and parser.should_keep_alive(), [])
+        self.direct_size = 0
+        self.scope["method"], self.scope["path"], self.scope["http_version"] = "POST", path, version
+        if self.expect_100_continue:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        return True
+
+    def on_body(self, body: bytes) -> None:
+        if self.direct is None:
+            super().on_body(body)
+            return
+        self.direct_size += len(body)
+        if self.direct_size <= self.bridge.limit:  # past it, the rest is read and dropped
+            self.direct.body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self.direct is None:
+            super().on_message_complete()
+            return
+        direct, self.direct = self.direct, None
+        if self.direct_size > self.bridge.limit:
+            status, headers, content = self.bridge.too_large()
+        else:
+            status, headers, content = self.bridge.infer(direct.route, "POST", self.headers,
+                                                         b"".join(direct.body))
+        keep_alive = direct.keep_alive and not self.transport.is_closing()
+        head = [STATUS_LINE[status]]
+        for name, value in (*self.server_state.default_headers, *headers):
+            head += (name, b": ", value, b"\r\n")
+        head.append(b"\r\n" if keep_alive else b"connection: close\r\n\r\n")
+        head.append(content)
+        self.transport.write(b"".join(head))
+        if self.access_log:
+            self.access_logger.info('%s - "%s %s HTTP/%s" %d', "{}:{}".format(*self.client) if self.client else "",
+                                    "POST", urllib.parse.quote(self.scope["path"]),
+                                    self.scope["http_version"], status)
+        self.bridge.dataplane.after()  # what the answer left to do (the cache's stores), once it is written
+        if not keep_alive:
+            self.server_state.total_requests += 1
+            self.transport.close()
+            return
+        self.on_response_complete()  # counted; the keep-alive timeout armed
+        if self.flow.write_paused and not self.reading_paused:  # answers pile up unread: read no more for now
+            self.reading_paused = True
+            self.flow.pause_reading()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.reading_paused:
+            self.reading_paused = False
+            self.flow.resume_reading()
+
+    def shutdown(self) -> None:
+        if self.direct is None:
+            super().shutdown()
+        else:  # its body is still coming: answer it, then close
+            self.direct = self.direct._replace(keep_alive=False)
+
+
 class WebWorker(UvicornWorker):
     """gunicorn's worker process serving the ASGI app on uvloop with the limited httptools protocol."""
 
@@ -110,5 +230,5 @@ class WebWorker(UvicornWorker):
         cfg = self.cfg  # gunicorn's 0 means no limit
         limits = Limits(cfg.limit_request_line or sys.maxsize, cfg.limit_request_fields or sys.maxsize,
                         cfg.limit_request_field_size or sys.maxsize)
-        self.config.http = functools.partial(LimitedHttpToolsProtocol, limits=limits)
+        self.config.http = functools.partial(DataPlaneProtocol, limits=limits)
         self.config.limit_concurrency = cfg.worker_connections

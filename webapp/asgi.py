@@ -51,10 +51,9 @@ class Bridge:
         body = await self._body(receive)
         route = None if body is None else self.dataplane.route(scope["path"])
         if body is None:
-            message = orjson.dumps({"error": f"request body exceeds the limit of {self.limit} bytes"})
-            status, headers, content = 413, [(b"content-type", b"application/json")], message
+            status, headers, content = self.too_large()
         elif route is not None:
-            status, headers, content = self._infer(route, scope, body)
+            status, headers, content = self.infer(route, scope["method"], scope["headers"], body)
         else:
             loop = asyncio.get_running_loop()
             environ = wsgi_environ(scope, body)
@@ -81,13 +80,19 @@ class Bridge:
             more = message.get("more_body", False)
         return b"".join(chunks)
 
-    def _infer(self, route: Route, scope: dict, body: bytes) -> Response:
-        """Answer an inference route straight from the data plane, inline on the loop."""
+    def too_large(self) -> Response:
+        """The answer to a request whose body passed the size limit."""
+        message = orjson.dumps({"error": f"request body exceeds the limit of {self.limit} bytes"})
+        return 413, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(message))], message
+
+    def infer(self, route: Route, method: str, headers: list[tuple[bytes, bytes]], body: bytes) -> Response:
+        """Answer an inference route straight from the data plane, inline on the loop (`headers` as ASGI
+        gives them, names in lower case)."""
         wanted = {}
-        for name, value in scope["headers"]:
-            if name in CALL_HEADERS:  # ASGI header names are lower case
+        for name, value in headers:
+            if name in CALL_HEADERS:
                 wanted[CALL_HEADERS[name]] = value.decode("latin-1")
-        call = Call(scope["method"], body, **wanted)
+        call = Call(method, body, **wanted)
         status, content, content_type, extra = self.dataplane.respond(route, call)
         headers = [(b"content-type", content_type.encode()), (b"content-length", b"%d" % len(content))]
         if extra:
