@@ -16,6 +16,8 @@ came, with the same status lines, default headers, keep-alive and access log lin
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
 import urllib.parse
 from typing import Any, NamedTuple
@@ -29,6 +31,8 @@ from webapp.asgi import Bridge
 from webapp.dataplane import Route
 
 REASONS = {414: b"URI Too Long", 431: b"Request Header Fields Too Large"}
+PARENT_CHECK_S = 1.0
+"""How often a worker tells gunicorn's master it is alive, and checks the master still is."""
 
 
 class Limits(NamedTuple):
@@ -232,3 +236,12 @@ class WebWorker(UvicornWorker):
                         cfg.limit_request_field_size or sys.maxsize)
         self.config.http = functools.partial(DataPlaneProtocol, limits=limits)
         self.config.limit_concurrency = cfg.worker_connections
+        self.config.timeout_notify = min(self.timeout, PARENT_CHECK_S)
+
+    async def callback_notify(self) -> None:
+        """The heartbeat gunicorn's master watches; and, if the master is gone (killed), a clean stop, as
+        gunicorn's own workers make: uvicorn's worker would serve on, an orphan holding the port."""
+        if self.ppid != os.getppid():
+            self.log.info("master %s gone: stopping worker %s", self.ppid, self.pid)
+            os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's handler: a graceful shutdown
+        self.notify()

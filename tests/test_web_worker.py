@@ -186,3 +186,40 @@ def test_the_protocol_stops_reading_while_its_answers_wait_unread(bridge) -> Non
         assert transport.written[-1].count(b"connection: close") == 1 and transport.closed
     finally:
         loop.close()
+
+
+def test_a_worker_whose_master_is_killed_stops_rather_than_serve_on_as_an_orphan() -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REDIS_URL, ROOT, free_port, wait_for_http
+
+    port = free_port()
+    env = {**os.environ, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "1", "REDIS_URL": REDIS_URL}
+    master = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/v2/health/live", master)
+        children = subprocess.run(["pgrep", "-P", str(master.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 1
+        worker = int(children[0])
+        master.kill()  # no SIGTERM handed on to the worker
+        master.wait()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.kill(worker, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.kill(worker, signal.SIGKILL)
+            raise AssertionError("the orphaned worker was still serving 15 s after its master was killed")
+    finally:
+        if master.poll() is None:
+            master.kill()
+            master.wait()
+        master.stderr.close()
