@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated connection counts (default 1,16)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up seconds per route (default 1)")
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto",
-                        help="load generator: wrk, the Python one, or wrk when available (default)")
+                        help="load generator: wrk, the Python one, or (default) wrk above one connection and the "
+                             "Python one at one (it times by the monotonic clock)")
     parser.add_argument("--wrk-threads", type=int, default=1,
                         help="wrk threads; the generator shares the cores with the servers (default 1)")
     parser.add_argument("--no-install", action="store_true", help="never apt-get install wrk")

@@ -22,7 +22,7 @@ class Target:
 
 
 TARGETS = (
-    Target(FLOOR, "loopback floor (no-op ASGI)", "floor", "/", json.dumps({"data": [ROW]}).encode()),
+    Target(FLOOR, "loopback floor (no-op)", "floor", "/", json.dumps({"data": [ROW]}).encode()),
     Target(BASELINE, "FastAPI + onnxruntime", "fastapi", "/predict", json.dumps({"data": [ROW]}).encode()),
     Target("ours-v1", "ours, TF Serving :predict", "ours", "/v1/models/iris:predict",
            json.dumps({"instances": [ROW]}).encode()),
