@@ -225,7 +225,7 @@ class DataPlaneProtocol(LimitedHttpToolsProtocol):
 
 
 class WebWorker(UvicornWorker):
-    """gunicorn's worker process serving the ASGI app on uvloop with the limited httptools protocol."""
+    """gunicorn's worker process serving the ASGI app on uvloop with the data-plane protocol."""
 
     CONFIG_KWARGS = {"loop": "uvloop", "http": "httptools"}
 
