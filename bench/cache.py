@@ -16,8 +16,11 @@ lately: each kind is measured once that has settled):
    bytes; no HTTP), with a real Redis, the no-cache plane sharing the cached one's model sessions; then,
    untimed but recorded, what the cache does behind the answer once it is sent (keep and store it:
    `DataPlane.after`), reported as the miss's total work;
-2. over HTTP: one keep-alive connection to each of two real web servers (`deploy/gunicorn.conf.py`, one
-   worker each), one with the cache on and one with it off, the latency each request sees.
+2. over HTTP: one keep-alive connection to a real web server (`deploy/gunicorn.conf.py`, one worker) that
+   serves the model twice, as `digits-heavy` with its cache and as `digits-heavy-uncached`, a copy whose spec
+   turns the cache off, the latency each request sees. One process serves both kinds, so they share its
+   place on the cores (two servers' places differ from run to run, and at one connection that moved the
+   no-cache latency by half).
 Ratios are medians over the turns of each turn's ratio of block medians (the kinds of one turn run
 within milliseconds of each other, so what the machine's other tenants do weighs on them alike); targets:
 a hit at least 5x faster than a miss, a miss at most 1.05x the no-cache time.
@@ -39,6 +42,7 @@ import http.client
 import io
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -61,6 +65,9 @@ from webapp import create_app
 from webapp.dataplane import Call, DataPlane
 
 PATH = "/v1/models/digits-heavy:predict"
+UNCACHED = "digits-heavy-uncached"
+UNCACHED_PATH = f"/v1/models/{UNCACHED}:predict"
+MODELS = ROOT / "models"
 DATA_PATH = "/v1/models/digits-light:predict"
 
 
@@ -160,57 +167,68 @@ class Client:
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         self.reconnects = 0
 
-    def ask(self, body: bytes) -> float:
+    def ask(self, body: bytes, path: str = PATH) -> float:
         """The seconds one request takes to be answered."""
         started = time.perf_counter()
         try:
-            self.connection.request("POST", PATH, body, {"Content-Type": "application/json"})
+            self.connection.request("POST", path, body, {"Content-Type": "application/json"})
             response = self.connection.getresponse()
         except (http.client.RemoteDisconnected, ConnectionError):
             self.reconnects += 1
             self.connection.close()
-            return self.ask(body)
+            return self.ask(body, path)
         response.read()
         if response.status != 200:
-            raise SystemExit(f"{PATH} answered {response.status}")
+            raise SystemExit(f"{path} answered {response.status}")
         return time.perf_counter() - started
 
 
+def uncached_copy(repository: Path) -> None:
+    """A model repository of `digits-heavy` and `UNCACHED`, the same model with its cache turned off."""
+    for name in ("digits-heavy", UNCACHED):
+        shutil.copytree(MODELS / "digits-heavy", repository / name)
+    spec = repository / UNCACHED / "model.toml"
+    text = spec.read_text()
+    if "cache_ttl_s = 300" not in text:
+        raise SystemExit(f"{spec} does not set cache_ttl_s = 300 to turn off")
+    spec.write_text(text.replace("cache_ttl_s = 300", "cache_ttl_s = 0"))
+
+
 def over_http(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[float]]:
-    """Per-turn medians of each kind and size as a client sees them, from two real web servers."""
+    """Per-turn medians of each kind and size as a client sees them, from a real web server that serves the
+    model twice, with its cache and without (`uncached_copy`): one process, so the two kinds share its place
+    on the cores, which on a small machine moves a one-connection latency more than the cache does."""
     medians: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-cache-") as logs, contextlib.ExitStack() as stack:
-        ports = {}
-        for name, switch in (("on", "on"), ("off", "off")):
-            ports[name] = free_port()
-            env = {**os.environ, "BIND": f"127.0.0.1:{ports[name]}", "WEB_CONCURRENCY": "1", "LOG_LEVEL": "info",
-                   "REDIS_URL": args.redis_url, "PREDICTION_CACHE": switch}
-            log = stack.enter_context(open(Path(logs) / f"{name}.log", "wb"))
-            argv = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")]
-            server = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-            stack.callback(stop, server)
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as scratch, contextlib.ExitStack() as stack:
+        uncached_copy(Path(scratch))
+        port, log_path = free_port(), Path(scratch) / "server.log"
+        env = {**os.environ, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "1", "LOG_LEVEL": "info",
+               "REDIS_URL": args.redis_url, "PREDICTION_CACHE": "on", "MODELS_DIR": scratch}
+        log = stack.enter_context(open(log_path, "wb"))
+        argv = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")]
+        stack.callback(stop, subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
         streams = {rows: Requests(rows, pixel=1) for rows in sizes}  # bodies the first part never sent
         turns = random.Random(2)
-        for name, port in ports.items():
-            wait_until_answering(f"http://127.0.0.1:{port}{PATH}", streams[sizes[0]].same(), Path(logs) / f"{name}.log")
-        on, off = (Client(ports[name]) for name in ("on", "off"))
+        for path in (PATH, UNCACHED_PATH):
+            wait_until_answering(f"http://127.0.0.1:{port}{path}", streams[sizes[0]].same(), log_path)
+        client = Client(port)
         for round_number in range(args.rounds):
             for rows in sizes:
                 requests = streams[rows]
                 same = requests.same()
-                on.ask(same)
-                kinds = {"none": (off, requests.unique), "miss": (on, requests.unique),
-                         "hit": (on, functools.partial(bytes, same))}
+                client.ask(same)
+                kinds = {"none": (UNCACHED_PATH, requests.unique), "miss": (PATH, requests.unique),
+                         "hit": (PATH, functools.partial(bytes, same))}
                 for _ in range(args.requests // args.block):
-                    for kind, (client, body) in turns.sample(list(kinds.items()), len(kinds)):
+                    for kind, (path, body) in turns.sample(list(kinds.items()), len(kinds)):
                         for _ in range(args.block):  # untimed: steady state, as in process
-                            client.ask(body())
-                        took = [client.ask(body()) for _ in range(args.block)]
+                            client.ask(body(), path)
+                        took = [client.ask(body(), path) for _ in range(args.block)]
                         medians.setdefault(f"{kind}-{rows}", []).append(statistics.median(took))
             print(f"over HTTP, round {round_number + 1}: " + _latest(medians, args), flush=True)
-        if reconnects := on.reconnects + off.reconnects:
-            tails = {name: (Path(logs) / f"{name}.log").read_text(errors="replace")[-1500:] for name in ports}
-            print(f"the servers closed {reconnects} connection(s); log tails: {tails}")
+        if client.reconnects:
+            tail = log_path.read_text(errors="replace")[-1500:]
+            print(f"the server closed {client.reconnects} connection(s); log tail: {tail}")
     return medians
 
 
