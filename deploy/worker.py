@@ -152,7 +152,7 @@ class DataPlaneProtocol(LimitedHttpToolsProtocol):
     def _answers_itself(self) -> bool:
         """Whether this request is one the protocol answers (then `direct` holds it)."""
         bridge, parser = self.bridge, self.parser
-        if bridge is None or parser.get_method() != b"POST" or parser.should_upgrade() or self.refused is not None:
+        if bridge is None or parser.get_method() != b"POST" or parser.should_upgrade():
             return False
         if self.pipeline or (self.cycle is not None and not self.cycle.response_complete) or \
                 (self.limit_concurrency is not None and len(self.connections) >= self.limit_concurrency):

@@ -140,7 +140,7 @@ class PredictionCache:
             self.catch_up()  # in case the server did not, after this thread's previous answer
         rows = _rows(inputs)
         if self.costs.skipping(version, rows):  # not looked up, timed, hashed or stored; counted
-            with self._counts_lock:
+            with self._counts_lock:  # as `_count` does, without its clock check (the next write sends it)
                 self._counts[version.name, "misses"] += 1
             return Answer(models.predict(version, inputs), Outcome.MISS)
         ttl_ms = int(ttl_s * 1000)
@@ -203,7 +203,7 @@ class PredictionCache:
         self._count(version.name, "misses")
         if self.breaker.open:
             return
-        stored = pack({o.name: outputs[o.name] for o in version.spec.runtime_outputs})
+        stored = _packed(version, outputs)
 
         def held(reply: object) -> None:  # SET NX answers nil when the key was there
             if not isinstance(reply, redis.ResponseError):
@@ -298,7 +298,7 @@ class PredictionCache:
                keep: bool = True) -> None:
         """Keep the answer here (with `keep`), and store it in Redis without waiting: at once when this
         request holds the key's lock (others may be waiting for the answer), else with the next batch."""
-        stored = pack({o.name: outputs[o.name] for o in version.spec.runtime_outputs})  # derived again on a hit
+        stored = _packed(version, outputs)
         if keep:
             self.local.put(key, stored, ttl_ms)
         if self.breaker.open:
@@ -501,9 +501,9 @@ class Costs:
         return count == 0
 
     def skip_next(self, version: models.ModelVersion, rows: int) -> None:
-        """After a cheap run's lookup: if the version is still rarely found and the run still cheap, the next
-        SAMPLE_EVERY - 1 requests of this size are answered without one (`skipping` counts them out); rates
-        and costs are judged again at the request after them."""
+        """After a sample's run: if the version is still rarely found and the run, just timed, still cheap,
+        the next SAMPLE_EVERY - 1 requests of this size are answered without a lookup (`skipping` counts them
+        out); rates and costs are judged again at the request after them."""
         if self.rarely_found(version) and self.cheap(version, rows):
             self.skips[version.key, _bucket(rows)] = SAMPLE_EVERY - 1
 
@@ -583,6 +583,11 @@ def _rows(inputs: Mapping[str, np.ndarray]) -> int:
 def _key(version: models.ModelVersion, inputs: Mapping[str, np.ndarray]) -> str:
     """The cache key of a version's answer to `inputs`."""
     return f"cache:{version.key}:{digest(inputs)}"
+
+
+def _packed(version: models.ModelVersion, outputs: Outputs) -> bytes:
+    """An answer as it is stored: the graph's outputs only (the derived ones are derived again on a hit)."""
+    return pack({o.name: outputs[o.name] for o in version.spec.runtime_outputs})
 
 
 def _outputs(version: models.ModelVersion, packed: bytes) -> Outputs:
