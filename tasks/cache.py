@@ -17,11 +17,13 @@ as it serves (`Costs`):
   process's answer would cost about as much as computing it), unless its lookups hit so often that waiting
   for them saves more than the round trip costs;
 - while hardly any request is found in either tier (under one in `SAMPLE_EVERY` of those looked up), a
-  cheap model's requests are not looked up before they are answered. Each `SAMPLE_EVERY`-th is a sample:
-  answered by the model, then behind its answer stored in Redis unless its key is there (`SET NX`, sent by
-  the cache's writer thread), which says whether it would have been found; the next ones of its size are
-  counted out (`Costs.skip_next`) and go straight to the model: not timed (costs are learnt from the
-  samples), hashed or stored. A sample found ends the count, and the requests after it are looked up again.
+  cheap model's requests are not looked up before they are answered. At first each `SAMPLE_EVERY`-th is a
+  sample: answered by the model, then behind its answer stored in Redis unless its key is there (`SET NX`,
+  sent by the cache's writer thread), which says whether it would have been found; the next ones of its
+  size are counted out (`Costs.skip_next`) and go straight to the model: not timed (costs are learnt from
+  the samples), hashed or stored, only counted. While samples find nothing, the gap between them grows (up
+  to `SAMPLE_GAP_MAX` requests, or what comes in `SAMPLE_GAP_S`). A sample found ends the count, and the
+  requests after it are looked up again.
 The answer is stored and the lock released by commands whose replies nobody waits for (they are read on the
 way to the next lookup's, or behind the next sample's answer); a store no other request can be waiting for
 (its key was not locked) goes with a batch (`Writes`): each write wakes Redis, which on a host it shares
@@ -38,8 +40,8 @@ import logging
 import os
 import threading
 import time
-from collections import Counter, OrderedDict
-from collections.abc import Callable, Mapping
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Iterator, Mapping
 from enum import StrEnum
 from typing import NamedTuple, TypeVar
 
@@ -65,9 +67,20 @@ OVERLAP_BELOW = 80
 waits for its lookup first. The wait costs a miss about two of the round trips learnt (the fastest ones, and
 the process idles and wakes), so at most 1/40 (2.5%)."""
 SAMPLE_EVERY = 16
-"""While fewer than one request in this many is found in the cache, only every this-many-th is sampled (the
-others are neither looked up nor stored); likewise a cheap model's lookups in Redis while they hit that
-rarely."""
+"""While fewer than one request in this many is found in the cache, at first only every this-many-th is
+sampled (the others are neither looked up nor stored); likewise a cheap model's lookups in Redis while they
+hit that rarely."""
+SAMPLE_GAP_MAX = 256
+"""While samples keep finding nothing, the gap between them doubles up to this many requests (a sample costs
+its hash, its store and a write to Redis: a few model runs' worth of a one-row request, spread over fewer
+requests as the gap grows); a sample found puts it back to SAMPLE_EVERY."""
+SAMPLE_GAP_S = 1.0
+"""The gap never spans more requests than came in about this long, so a quiet server still samples about
+this often."""
+ROUND_TRIP_STALE_S = 1.0
+"""A lookup round trip last measured longer ago than this is measured again by the next sampled lookup,
+which waits for its reply (lookups that run the model meanwhile measure none), so one slow reply does not
+stand for good."""
 WRITE_BATCH = 16
 """Commands nobody waits for that are written to Redis together (`Writes`)."""
 WRITE_DELAY_S = 0.01
@@ -124,6 +137,9 @@ class PredictionCache:
         self.writes = Writes(self)
         self._counts: Counter[tuple[str, str]] = Counter()
         self._counts_lock = threading.Lock()
+        self._counted_out: deque[str] = deque()
+        """A model name per request counted out, taken into `_counts` with the next write (appending to a deque
+        and taking from it are each atomic: no lock on the path of those requests)."""
         self._counted_at = time.monotonic()
         self._behind = Behind()
 
@@ -136,13 +152,12 @@ class PredictionCache:
         ttl_s = version.spec.options.cache_ttl_s
         if ttl_s <= 0:
             return Answer(models.predict(version, inputs), Outcome.MISS)
-        if self._behind.work:
-            self.catch_up()  # in case the server did not, after this thread's previous answer
         rows = _rows(inputs)
         if self.costs.skipping(version, rows):  # not looked up, timed, hashed or stored; counted
-            with self._counts_lock:  # as `_count` does, without its clock check (the next write sends it)
-                self._counts[version.name, "misses"] += 1
+            self._counted_out.append(version.name)
             return Answer(models.predict(version, inputs), Outcome.MISS)
+        if self._behind.work:
+            self.catch_up()  # in case the server did not, after this thread's previous answer
         ttl_ms = int(ttl_s * 1000)
         if self.costs.rarely_found(version) and self.costs.cheap(version, rows):
             # the request after the counted-out ones: answered by the model, and behind its answer stored
@@ -225,6 +240,7 @@ class PredictionCache:
         self.costs.looked_up(version, None, found)
         if found:
             self.costs.skips.pop((version.key, _bucket(rows)), None)
+            self.costs.gaps.pop((version.key, _bucket(rows)), None)
 
     def _finish(self, behind: bool, work: Callable[[], None]) -> None:
         """Do `work` now, or with `behind` once the answer has been sent (`catch_up`)."""
@@ -317,6 +333,11 @@ class PredictionCache:
             self._send()
 
     def _take_counts(self) -> list[tuple[object, ...]]:
+        if self._counted_out:
+            with self._counts_lock:
+                out = self._counted_out
+                for _ in range(len(out)):  # those appended meanwhile go with a later write
+                    self._counts[out.popleft(), "misses"] += 1
         if not self._counts:
             return []
         with self._counts_lock:
@@ -489,9 +510,14 @@ class Costs:
         self.found_rate: dict[str, float] = {}
         """Of the requests looked up at all, how many were answered from either tier."""
         self.requests: dict[str, int] = {}
-        self.skips: dict[tuple[str, int], int] = {}
-        """Requests left to answer without a lookup, by version and batch-size bucket (`skipping`)."""
+        self.skips: dict[tuple[str, int], Iterator[int]] = {}
+        """Requests left to answer without a lookup, by version and batch-size bucket (`skipping`): an
+        iterator over them, so two threads never take the same one (`next` on it is atomic)."""
+        self.gaps: dict[tuple[str, int], tuple[int, float]] = {}
+        """By version and bucket: the requests between the last sample and the next, and when it was taken."""
         self.round_trip_s: float | None = None
+        self.round_trip_at = 0.0
+        """When `round_trip_s` last learnt a round trip (`time.monotonic`)."""
 
     def sampled(self, version: models.ModelVersion) -> bool:
         """Whether this request is the version's SAMPLE_EVERY-th: looked up in both tiers whatever the rates
@@ -502,19 +528,30 @@ class Costs:
 
     def skip_next(self, version: models.ModelVersion, rows: int) -> None:
         """After a sample's run: if the version is still rarely found and the run, just timed, still cheap,
-        the next SAMPLE_EVERY - 1 requests of this size are answered without a lookup (`skipping` counts them
-        out); rates and costs are judged again at the request after them."""
-        if self.rarely_found(version) and self.cheap(version, rows):
-            self.skips[version.key, _bucket(rows)] = SAMPLE_EVERY - 1
+        the requests of this size up to the next sample are answered without a lookup (`skipping` counts them
+        out); rates and costs are judged again at the next sample. The gap starts at SAMPLE_EVERY requests and
+        doubles with each sample up to SAMPLE_GAP_MAX, but spans no more than came in SAMPLE_GAP_S at the rate
+        since the last sample; `found` puts it back."""
+        if not (self.rarely_found(version) and self.cheap(version, rows)):
+            return
+        key, now = (version.key, _bucket(rows)), time.monotonic()
+        gap, at = self.gaps.get(key, (0, 0.0))
+        if not gap:
+            gap = SAMPLE_EVERY
+        else:
+            rate = gap / max(now - at, 1e-6)  # requests a second since the last sample
+            gap = max(SAMPLE_EVERY, min(2 * gap, SAMPLE_GAP_MAX, int(rate * SAMPLE_GAP_S)))
+        self.gaps[key] = gap, now
+        self.count_out(version, rows, gap - 1)
+
+    def count_out(self, version: models.ModelVersion, rows: int, requests: int) -> None:
+        """Answer the next `requests` requests of this size without a lookup."""
+        self.skips[version.key, _bucket(rows)] = iter(range(requests))
 
     def skipping(self, version: models.ModelVersion, rows: int) -> bool:
         """Whether this request is one of those `skip_next` left to answer without a lookup."""
-        key = version.key, _bucket(rows)
-        left = self.skips.get(key)
-        if not left:
-            return False
-        self.skips[key] = left - 1
-        return True
+        left = self.skips.get((version.key, _bucket(rows)))
+        return left is not None and next(left, None) is not None
 
     def rarely_found(self, version: models.ModelVersion) -> bool:
         """Whether fewer than one request in SAMPLE_EVERY looked up lately was answered by the cache (then
@@ -524,10 +561,13 @@ class Costs:
 
     def lookup(self, version: models.ModelVersion, rows: int, sampled: bool = False) -> Lookup:
         """How a run of `rows` rows missing in this process's copy should go to Redis. FIRST until the costs
-        are measured, for a run over OVERLAP_BELOW round trips (single flight is worth its wait), and when
-        the run's cost times the hit rate (what waiting saves) passes a round trip (what it loses).
-        Otherwise OVERLAP, or SKIP while fewer than one lookup in SAMPLE_EVERY hits, unless `sampled`."""
+        are measured, for a run over OVERLAP_BELOW round trips (single flight is worth its wait), when the
+        run's cost times the hit rate (what waiting saves) passes a round trip (what it loses), and when
+        `sampled` and the round trip is stale (ROUND_TRIP_STALE_S). Otherwise OVERLAP, or SKIP while fewer
+        than one lookup in SAMPLE_EVERY hits, unless `sampled`."""
         if not self.cheap(version, rows):
+            return Lookup.FIRST
+        if sampled and time.monotonic() - self.round_trip_at > ROUND_TRIP_STALE_S:
             return Lookup.FIRST
         cost, hit_rate = self.cost(version, rows) or 0.0, self.hit_rate.get(version.key, 0.0)
         if cost * hit_rate >= (self.round_trip_s or 0.0):
@@ -559,6 +599,7 @@ class Costs:
         self.hit_rate[key] = _average(self.hit_rate.get(key), float(hit), self.WEIGHT)
         if round_trip_s is not None:
             self.round_trip_s = _falling(self.round_trip_s, round_trip_s, self.WEIGHT)
+            self.round_trip_at = time.monotonic()
 
 
 def _bucket(rows: int) -> int:

@@ -192,7 +192,7 @@ def test_how_a_miss_goes_to_redis_follows_the_model_s_cost_and_hit_rate(app: Fla
     assert ways.count(["model"]) >= len(ways) - 1 and cache.costs.rarely_found(version)
     assert sampled and len(looked) + len(sampled) < len(ways) - cache_module.SAMPLE_EVERY  # others counted out
     round_trip, cache.costs.round_trip_s = cache.costs.round_trip_s, 1e-9  # as if the model cost many lookups:
-    later = [miss() for _ in range(cache_module.SAMPLE_EVERY)]  # judged again after the skipped ones, it is
+    later = [miss() for _ in range(cache_module.SAMPLE_GAP_MAX)]  # judged again after the skipped ones, it is
     first = later.index(["lookup reply", "model"])  # looked up first all the same (single flight)
     assert all(w == ["model"] for w in later[:first])  # the ones before: still counted out, not looked up
     cache.costs.round_trip_s = round_trip
@@ -206,8 +206,7 @@ def test_how_a_miss_goes_to_redis_follows_the_model_s_cost_and_hit_rate(app: Fla
     assert len(stored()) == 2 + len(looked) + len(sampled) and len(cache.local.entries) == 2 + len(looked)
     assert not list(fresh.scan_iter("cache:digits-heavy:*:lock"))
     assert cache.stats()["digits-heavy"] == {"hits": 0, "misses": misses}
-    key, bucket = version.key, cache_module._bucket(1)
-    cache.costs.skips[key, bucket] = 3  # three more counted out
+    cache.costs.count_out(version, 1, 3)  # three more counted out
     again = {"pixels": ROWS[:1]}  # the first miss's rows, repeated: not looked up while counted out
     outcomes = []
     for _ in range(6):
@@ -450,6 +449,49 @@ def test_stores_nobody_waits_for_are_written_together(app: Flask, fresh: redis.R
                taker=lambda reply: taken.append((threading.current_thread().name, reply)))
     assert within(0.25, lambda: len(taken) == 2)  # at once, not after the delay, each reply to its taker
     assert taken == [("cache-writes", None), ("cache-writes", b"OK")]
+
+
+def test_samples_grow_apart_while_nothing_is_found():
+    from types import SimpleNamespace
+
+    costs, version = cache_module.Costs(), SimpleNamespace(key="m:1:f")
+    costs.round_trip_s, costs.found_rate[version.key] = 0.1e-3, 0.0  # rarely found
+    costs.ran(version, 0.2e-3, rows=1)  # cheap
+    key = version.key, cache_module._bucket(1)
+
+    def gap_after_sample() -> int:
+        costs.skip_next(version, 1)
+        counted = 0
+        while costs.skipping(version, 1):
+            counted += 1
+        return counted + 1  # the counted out and the next sample
+
+    gaps = [gap_after_sample() for _ in range(7)]  # requests come fast: only the doubling limits the gap
+    every, most = cache_module.SAMPLE_EVERY, cache_module.SAMPLE_GAP_MAX
+    assert gaps == [min(every * 2 ** n, most) for n in range(7)] and gaps[-1] == most
+    gap, _ = costs.gaps[key]
+    costs.gaps[key] = gap, time.monotonic() - 10 * cache_module.SAMPLE_GAP_S  # that many came in 10 s: slow
+    assert gap_after_sample() == max(every, int(gap / 10))
+    costs.gaps[key] = 64, time.monotonic() - 1000.0  # a quiet server: back to the first gap
+    assert gap_after_sample() == every
+    costs.found_rate[version.key] = 1.0  # found again: no more counted out
+    costs.skip_next(version, 1)
+    assert not costs.skipping(version, 1)
+
+
+def test_a_stale_round_trip_is_measured_again_by_a_sampled_lookup():
+    from types import SimpleNamespace
+
+    costs, version, Lookup = cache_module.Costs(), SimpleNamespace(key="m:1:f"), cache_module.Lookup
+    costs.ran(version, 0.3e-3, rows=1)
+    costs.looked_up(version, 5e-3, hit=True)  # one slow reply (a pause): lookups seem to cost more than a run
+    costs.hit_rate[version.key] = 1.0  # and they all hit
+    assert costs.lookup(version, 1) is Lookup.OVERLAP and costs.lookup(version, 1, sampled=True) is Lookup.OVERLAP
+    costs.round_trip_at -= 2 * cache_module.ROUND_TRIP_STALE_S  # no round trip measured since, a while later
+    assert costs.lookup(version, 1) is Lookup.OVERLAP  # an ordinary lookup still overlaps
+    assert costs.lookup(version, 1, sampled=True) is Lookup.FIRST  # a sampled one waits, and measures one
+    costs.looked_up(version, 0.05e-3, hit=True)
+    assert costs.lookup(version, 1) is Lookup.FIRST  # a hit now saves more than its wait
 
 
 def test_run_costs_are_learnt_per_batch_size():
