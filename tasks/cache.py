@@ -21,9 +21,9 @@ as it serves (`Costs`):
   sample: answered by the model, then behind its answer stored in Redis unless its key is there (`SET NX`,
   sent by the cache's writer thread), which says whether it would have been found; the next ones of its
   size are counted out (`Costs.skip_next`) and go straight to the model: not timed (costs are learnt from
-  the samples), hashed or stored, only counted. While samples find nothing, the gap between them grows (up
-  to `SAMPLE_GAP_MAX` requests, or what comes in `SAMPLE_GAP_S`). A sample found ends the count, and the
-  requests after it are looked up again.
+  the samples), hashed or stored, only counted. The longer nothing is found, the wider the gap between
+  samples (up to `SAMPLE_GAP_MAX` requests). A sample found ends the count, and the requests after it are
+  looked up again.
 The answer is stored and the lock released by commands whose replies nobody waits for (they are read on the
 way to the next lookup's, or behind the next sample's answer); a store no other request can be waiting for
 (its key was not locked) goes with a batch (`Writes`): each write wakes Redis, which on a host it shares
@@ -71,12 +71,12 @@ SAMPLE_EVERY = 16
 sampled (the others are neither looked up nor stored); likewise a cheap model's lookups in Redis while they
 hit that rarely."""
 SAMPLE_GAP_MAX = 256
-"""While samples keep finding nothing, the gap between them doubles up to this many requests (a sample costs
-its hash, its store and a write to Redis: a few model runs' worth of a one-row request, spread over fewer
-requests as the gap grows); a sample found puts it back to SAMPLE_EVERY."""
+"""For each SAMPLE_GAP_S in which nothing of a version was found, the gap between samples doubles, up to
+this many requests: a sample costs its hash, its store and a write to Redis (about a model run's worth of
+a one-row request, here), spread over more requests the longer the traffic stays new; a request found puts
+it back to SAMPLE_EVERY. The gap never spans more requests than came in about SAMPLE_GAP_S, so a quiet
+server still samples about that often."""
 SAMPLE_GAP_S = 1.0
-"""The gap never spans more requests than came in about this long, so a quiet server still samples about
-this often."""
 ROUND_TRIP_STALE_S = 1.0
 """A lookup round trip last measured longer ago than this is measured again by the next sampled lookup,
 which waits for its reply (lookups that run the model meanwhile measure none), so one slow reply does not
@@ -176,7 +176,7 @@ class PredictionCache:
         key = _key(version, inputs)
         if (kept := self.local.get(key)) is not None:
             self._count(version.name, "hits")
-            return Answer(_outputs(version, kept), Outcome.HIT)
+            return Answer(dict(kept), Outcome.HIT)
         if self.breaker.open:
             return Answer(models.predict(version, inputs), Outcome.MISS)
         way = self.costs.lookup(version, rows, sampled)
@@ -240,7 +240,6 @@ class PredictionCache:
         self.costs.looked_up(version, None, found)
         if found:
             self.costs.skips.pop((version.key, _bucket(rows)), None)
-            self.costs.gaps.pop((version.key, _bucket(rows)), None)
 
     def _finish(self, behind: bool, work: Callable[[], None]) -> None:
         """Do `work` now, or with `behind` once the answer has been sent (`catch_up`)."""
@@ -307,8 +306,9 @@ class PredictionCache:
 
     def _kept(self, version: models.ModelVersion, key: str, packed: bytes, ttl_ms: int) -> Outputs:
         """A hit's outputs, its entry kept in this process for the rest of its Redis entry's life."""
-        self.local.put(key, packed, ttl_ms)
-        return _outputs(version, packed)
+        outputs = _outputs(version, packed)
+        self.local.put(key, outputs, len(packed), ttl_ms)
+        return dict(outputs)
 
     def _store(self, version: models.ModelVersion, key: str, outputs: Outputs, ttl_ms: int, locked: bool,
                keep: bool = True) -> None:
@@ -316,7 +316,7 @@ class PredictionCache:
         request holds the key's lock (others may be waiting for the answer), else with the next batch."""
         stored = _packed(version, outputs)
         if keep:
-            self.local.put(key, stored, ttl_ms)
+            self.local.put(key, outputs, len(stored), ttl_ms)
         if self.breaker.open:
             return
         if locked:
@@ -445,20 +445,23 @@ class Writes:
 
 
 class Local:
-    """The entries this process stored or read lately, as stored in Redis (packed bytes: the arrays of an
-    answer are freed once it is sent, and each hit gets arrays of its own), least recently used dropped past
-    `max_bytes`, each one kept no longer than its Redis copy."""
+    """The entries this process stored or read lately, least recently used dropped past `max_bytes`, each one
+    kept no longer than its Redis copy. An entry is an answer's outputs, derived ones included, as arrays made
+    read-only and shared by every hit (each gets a dictionary of its own), so a hit neither unpacks nor
+    derives; it is counted as its packed bytes, as stored in Redis, and OVERHEAD."""
 
     OVERHEAD = 128
     """Bytes counted per entry beyond its packed bytes (key, tuple, dictionary slot)."""
+    ARRAY_OVERHEAD = 112
+    """And per array (the array object and its dictionary slot)."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes, self.size = max_bytes, 0
-        self.entries: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self.entries: OrderedDict[str, tuple[float, Outputs, int]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, key: str) -> bytes | None:
-        """The entry's packed outputs, None if not kept or expired."""
+    def get(self, key: str) -> Outputs | None:
+        """The entry's outputs (not to be changed), None if not kept or expired."""
         if not self.max_bytes:
             return None
         with self._lock:
@@ -471,15 +474,19 @@ class Local:
             self.entries.move_to_end(key)
         return entry[1]
 
-    def put(self, key: str, packed: bytes, ttl_ms: int) -> None:
-        """Keep `packed` for `ttl_ms`."""
-        if ttl_ms <= 0 or len(packed) + self.OVERHEAD > self.max_bytes:
+    def put(self, key: str, outputs: Outputs, packed_size: int, ttl_ms: int) -> None:
+        """Keep `outputs` (their arrays made read-only), whose packed form takes `packed_size` bytes, for
+        `ttl_ms`."""
+        size = packed_size + self.OVERHEAD + self.ARRAY_OVERHEAD * len(outputs)
+        if ttl_ms <= 0 or size > self.max_bytes:
             return
+        for array in outputs.values():
+            array.flags.writeable = False
         with self._lock:
             if key in self.entries:
                 self._drop(key)
-            self.entries[key] = (time.monotonic() + ttl_ms / 1000, packed)
-            self.size += len(packed) + self.OVERHEAD
+            self.entries[key] = (time.monotonic() + ttl_ms / 1000, outputs, size)
+            self.size += size
             while self.size > self.max_bytes:
                 self._drop(next(iter(self.entries)))
 
@@ -490,7 +497,7 @@ class Local:
             self.size = 0
 
     def _drop(self, key: str) -> None:
-        self.size -= len(self.entries.pop(key)[1]) + self.OVERHEAD
+        self.size -= self.entries.pop(key)[2]
 
 
 class Costs:
@@ -515,6 +522,8 @@ class Costs:
         iterator over them, so two threads never take the same one (`next` on it is atomic)."""
         self.gaps: dict[tuple[str, int], tuple[int, float]] = {}
         """By version and bucket: the requests between the last sample and the next, and when it was taken."""
+        self.new_since: dict[str, float] = {}
+        """By version, while it is rarely found: since when nothing of it was (`time.monotonic`)."""
         self.round_trip_s: float | None = None
         self.round_trip_at = 0.0
         """When `round_trip_s` last learnt a round trip (`time.monotonic`)."""
@@ -529,18 +538,18 @@ class Costs:
     def skip_next(self, version: models.ModelVersion, rows: int) -> None:
         """After a sample's run: if the version is still rarely found and the run, just timed, still cheap,
         the requests of this size up to the next sample are answered without a lookup (`skipping` counts them
-        out); rates and costs are judged again at the next sample. The gap starts at SAMPLE_EVERY requests and
-        doubles with each sample up to SAMPLE_GAP_MAX, but spans no more than came in SAMPLE_GAP_S at the rate
-        since the last sample; `found` puts it back."""
+        out); rates and costs are judged again at the next sample. The gap is SAMPLE_EVERY requests, doubled
+        for each SAMPLE_GAP_S in which nothing of the version was found, up to SAMPLE_GAP_MAX, and no more
+        than came in SAMPLE_GAP_S at the rate since the last sample."""
         if not (self.rarely_found(version) and self.cheap(version, rows)):
             return
         key, now = (version.key, _bucket(rows)), time.monotonic()
-        gap, at = self.gaps.get(key, (0, 0.0))
-        if not gap:
-            gap = SAMPLE_EVERY
-        else:
-            rate = gap / max(now - at, 1e-6)  # requests a second since the last sample
-            gap = max(SAMPLE_EVERY, min(2 * gap, SAMPLE_GAP_MAX, int(rate * SAMPLE_GAP_S)))
+        doublings = int((now - self.new_since.setdefault(version.key, now)) / SAMPLE_GAP_S)
+        gap = SAMPLE_GAP_MAX if doublings >= SAMPLE_GAP_MAX.bit_length() else min(SAMPLE_EVERY << doublings,
+                                                                                   SAMPLE_GAP_MAX)
+        if (last := self.gaps.get(key)) is not None:
+            came = last[0] / max(now - last[1], 1e-6) * SAMPLE_GAP_S  # at the rate since the last sample
+            gap = min(gap, max(SAMPLE_EVERY, int(came)))
         self.gaps[key] = gap, now
         self.count_out(version, rows, gap - 1)
 
@@ -589,6 +598,8 @@ class Costs:
     def found(self, version: models.ModelVersion, hit: bool) -> None:
         key = version.key
         self.found_rate[key] = _average(self.found_rate.get(key, 1.0), float(hit), self.WEIGHT)
+        if hit:
+            self.new_since.pop(key, None)
 
     def ran(self, version: models.ModelVersion, seconds: float, rows: int) -> None:
         key = version.key, _bucket(rows)

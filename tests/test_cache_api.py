@@ -136,7 +136,7 @@ def test_another_process_hits_the_shared_entry_and_repeats_are_answered_in_proce
         fresh.delete(key)
     kept = predict(other.test_client(), ROWS[:3])  # kept in-process, with its Redis entry's remaining TTL
     assert kept.headers["X-Cache"] == "HIT" and kept.get_json() == first.get_json()
-    (expires_at, _), = other.extensions["cache"].local.entries.values()
+    (expires_at, _, _), = other.extensions["cache"].local.entries.values()
     assert 290 < expires_at - time.monotonic() <= 300
     other.extensions["cache"].flush()
     other.extensions["cache"].close()
@@ -288,22 +288,27 @@ def test_both_caches_through_the_real_web_process(live_server: str, fresh: redis
 
 
 def test_the_in_process_copy_keeps_the_latest_entries_within_its_bytes():
-    one = bytes(4000)
-    local = cache_module.Local(max_bytes=3 * (4000 + cache_module.Local.OVERHEAD))
-    for key in "abc":
-        local.put(key, one, ttl_ms=60_000)
-    assert local.get("a") == one  # now the most recently used
-    local.put("d", one, ttl_ms=60_000)
+    def one() -> dict:
+        return {"y": np.zeros(1000, np.float32)}
+
+    entry = 4000 + cache_module.Local.OVERHEAD + cache_module.Local.ARRAY_OVERHEAD
+    local = cache_module.Local(max_bytes=3 * entry)
+    kept = {key: one() for key in "abc"}
+    for key, outputs in kept.items():
+        local.put(key, outputs, 4000, ttl_ms=60_000)
+    assert local.get("a") is kept["a"]  # now the most recently used
+    local.put("d", one(), 4000, ttl_ms=60_000)
     assert [k for k in "abcd" if local.get(k) is not None] == ["a", "c", "d"]
-    assert local.size == 3 * (4000 + cache_module.Local.OVERHEAD)
-    local.put("e", b"x", ttl_ms=1)
+    assert local.size == 3 * entry
+    assert not kept["a"]["y"].flags.writeable  # shared by every hit: read-only
+    local.put("e", one(), 4, ttl_ms=1)
     time.sleep(0.01)
     assert local.get("e") is None and "e" not in local.entries
     local.clear()
     assert (local.size, local.get("a")) == (0, None)
-    local.put("big", bytes(local.max_bytes), ttl_ms=60_000)  # larger than the whole copy: not kept
+    local.put("big", one(), local.max_bytes, ttl_ms=60_000)  # larger than the whole copy: not kept
     assert local.get("big") is None and local.size == 0
-    cache_module.Local(max_bytes=0).put("x", one, 1000)
+    cache_module.Local(max_bytes=0).put("x", one(), 4000, 1000)
     assert cache_module.Local(max_bytes=0).get("x") is None
 
 
@@ -314,8 +319,10 @@ def test_no_caller_can_change_what_the_next_hit_gets(app: Flask):
     assert first.outcome == Outcome.HIT
     assert set(first.outputs) == set(computed.outputs) == {"label", "probabilities", "label_name"}
     with pytest.raises(ValueError, match="read-only"):
-        first.outputs["probabilities"][0, 0] = 1.0  # views of the stored bytes
-    first.outputs["label_name"][0] = b"changed"  # derived afresh for each hit
+        first.outputs["probabilities"][0, 0] = 1.0  # the arrays every hit shares
+    with pytest.raises(ValueError, match="read-only"):
+        first.outputs["label_name"][0] = b"changed"  # derived ones too
+    first.outputs["label"] = np.array([7, 7])  # each hit's own dictionary
     second = cache.predict(version, {"pixels": ROWS[:2]})
     assert all(np.array_equal(second.outputs[name], computed.outputs[name]) for name in computed.outputs)
 
@@ -457,24 +464,31 @@ def test_samples_grow_apart_while_nothing_is_found():
     costs, version = cache_module.Costs(), SimpleNamespace(key="m:1:f")
     costs.round_trip_s, costs.found_rate[version.key] = 0.1e-3, 0.0  # rarely found
     costs.ran(version, 0.2e-3, rows=1)  # cheap
-    key = version.key, cache_module._bucket(1)
+    key, every, most, second = (version.key, cache_module._bucket(1)), cache_module.SAMPLE_EVERY, \
+        cache_module.SAMPLE_GAP_MAX, cache_module.SAMPLE_GAP_S
 
-    def gap_after_sample() -> int:
+    def gap_after_sample(new_for_s: float = 0.0, last_sample_s_ago: float = 1e-3) -> int:
+        if new_for_s:
+            costs.new_since[version.key] = time.monotonic() - new_for_s
+        if key in costs.gaps:
+            costs.gaps[key] = costs.gaps[key][0], time.monotonic() - last_sample_s_ago
         costs.skip_next(version, 1)
         counted = 0
         while costs.skipping(version, 1):
             counted += 1
         return counted + 1  # the counted out and the next sample
 
-    gaps = [gap_after_sample() for _ in range(7)]  # requests come fast: only the doubling limits the gap
-    every, most = cache_module.SAMPLE_EVERY, cache_module.SAMPLE_GAP_MAX
-    assert gaps == [min(every * 2 ** n, most) for n in range(7)] and gaps[-1] == most
-    gap, _ = costs.gaps[key]
-    costs.gaps[key] = gap, time.monotonic() - 10 * cache_module.SAMPLE_GAP_S  # that many came in 10 s: slow
-    assert gap_after_sample() == max(every, int(gap / 10))
-    costs.gaps[key] = 64, time.monotonic() - 1000.0  # a quiet server: back to the first gap
+    assert [gap_after_sample() for _ in range(3)] == [every] * 3  # nothing found for a moment: the first gap
+    assert gap_after_sample(new_for_s=1.5 * second) == 2 * every  # for over a second: twice as many
+    assert gap_after_sample(new_for_s=3.5 * second) == 8 * every
+    assert gap_after_sample(new_for_s=1000 * second) == most  # no wider than the most
+    assert gap_after_sample(last_sample_s_ago=10 * second) == most // 10  # that many came in 10 s: slower
+    assert gap_after_sample(last_sample_s_ago=1000 * second) == every  # a quiet server: still the first gap
+    costs.new_since[version.key] -= 1000 * second
+    costs.found(version, True)  # a request found (still rarely, on the whole): the first gap again
+    costs.found_rate[version.key] = 0.0
     assert gap_after_sample() == every
-    costs.found_rate[version.key] = 1.0  # found again: no more counted out
+    costs.found_rate[version.key] = 1.0  # found often: no more counted out
     costs.skip_next(version, 1)
     assert not costs.skipping(version, 1)
 
