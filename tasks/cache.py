@@ -138,8 +138,8 @@ class PredictionCache:
         self._counts: Counter[tuple[str, str]] = Counter()
         self._counts_lock = threading.Lock()
         self._counted_out: deque[str] = deque()
-        """A model name per request counted out, taken into `_counts` with the next write (appending to a deque
-        and taking from it are each atomic: no lock on the path of those requests)."""
+        """A model name per miss counted out or sampled, taken into `_counts` with the next write (appending to a
+        deque and taking from it are each atomic: no lock on the path of those requests)."""
         self._counted_at = time.monotonic()
         self._behind = Behind()
 
@@ -215,7 +215,7 @@ class PredictionCache:
         what this process keeps), learnt from a store made unless it was there, in Redis only (as those
         counted out). The writer thread sends it (`Writes`), so no request writes it or waits for it."""
         self._collect()
-        self._count(version.name, "misses")
+        self._counted_out.append(version.name)  # counted as those counted out: its store's write takes it
         if self.breaker.open:
             return
         stored = _packed(version, outputs)
