@@ -36,6 +36,7 @@ again, so no request waits on it twice.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -97,6 +98,7 @@ redis.call('HINCRBY', KEYS[3], ARGV[2] .. ':misses', 1)
 if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return {0} end
 return {2}
 """
+_LOOKUP_SHA = hashlib.sha1(_LOOKUP.encode()).hexdigest()
 Outputs = dict[str, np.ndarray]
 
 
@@ -135,6 +137,9 @@ class PredictionCache:
         self.costs = Costs()
         self.lines = Lines(client)
         self.writes = Writes(self)
+        self.script_known = False
+        """Whether Redis holds the lookup script: lookups send its text (EVAL) until one has been answered, then
+        name it by its digest (EVALSHA)."""
         self._counts: Counter[tuple[str, str]] = Counter()
         self._counts_lock = threading.Lock()
         self._counted_out: deque[str] = deque()
@@ -181,7 +186,7 @@ class PredictionCache:
             return Answer(models.predict(version, inputs), Outcome.MISS)
         way = self.costs.lookup(version, rows, sampled)
         line = None if way is Lookup.SKIP else \
-            self._send(("EVAL", _LOOKUP, 3, key, key + ":lock", STATS, LOCK_MS, version.name))
+            self._send((*self._lookup_script(), 3, key, key + ":lock", STATS, LOCK_MS, version.name))
         if line is None:  # not looked up, or Redis just failed
             outputs = self._run(version, inputs, rows)
             if way is Lookup.SKIP:
@@ -292,15 +297,26 @@ class PredictionCache:
         self.costs.ran(version, time.perf_counter() - started, rows)
         return outputs
 
+    def _lookup_script(self) -> tuple[str, str]:
+        """How a lookup names its script: by its digest once Redis is known to hold it, else with its text
+        (which Redis then keeps)."""
+        return ("EVALSHA", _LOOKUP_SHA) if self.script_known else ("EVAL", _LOOKUP)
+
     def _reply(self, version: models.ModelVersion, line: Line, sent_at: float | None) -> list | None:
-        """The lookup script's reply; None when Redis failed (then left alone a while) or refused it.
-        With `sent_at`, the wait is a round trip to learn from."""
+        """The lookup script's reply; None when Redis failed (then left alone a while) or refused it (then
+        the request is a miss Redis did not count). With `sent_at`, the wait is a round trip to learn from."""
         reply = self._read(line)
         if reply is None:
             return None
-        if isinstance(reply, redis.ResponseError):  # e.g. out of memory: this answer goes uncached
-            log.warning("prediction cache: a lookup failed: %s", reply)
+        if isinstance(reply, redis.ResponseError):  # this answer goes uncached
+            self._count(version.name, "misses")
+            if str(reply).startswith("NOSCRIPT"):  # Redis restarted, or its scripts were flushed
+                self.script_known = False  # the next lookup sends the text again
+                log.info("prediction cache: Redis no longer holds the lookup script; sending it again")
+            else:  # e.g. out of memory
+                log.warning("prediction cache: a lookup failed: %s", reply)
             return None
+        self.script_known = True
         self.costs.looked_up(version, None if sent_at is None else time.perf_counter() - sent_at, reply[0] == 1)
         return reply
 

@@ -458,6 +458,33 @@ def test_stores_nobody_waits_for_are_written_together(app: Flask, fresh: redis.R
     assert taken == [("cache-writes", None), ("cache-writes", b"OK")]
 
 
+def test_lookups_name_the_script_by_its_digest_and_send_it_again_once_redis_has_lost_it(
+        app: Flask, fresh: redis.Redis, monkeypatch: pytest.MonkeyPatch):
+    sent, original = [], cache_module.Line.send
+
+    def send(line: cache_module.Line, payload: bytes, wanted: list) -> None:
+        sent.extend(name for name in (b"EVALSHA", b"EVAL") if b"\r\n%s\r\n" % name in payload)
+        original(line, payload, wanted)
+
+    monkeypatch.setattr(cache_module.Line, "send", send)
+    cache, version = app.extensions["cache"], app.extensions["registry"].get("digits-heavy")
+    computed = cache.predict(version, {"pixels": ROWS[:1]})
+    cache.flush()
+
+    def from_redis() -> cache_module.Answer:
+        cache.local.clear()  # as in a process that never answered it
+        return cache.predict(version, {"pixels": ROWS[:1]})
+
+    assert from_redis().outcome == Outcome.HIT and sent == [b"EVAL", b"EVALSHA"]  # the text once, then its digest
+    fresh.script_flush()  # as after a restart of Redis
+    lost = from_redis()  # Redis refuses the digest: answered by the model, counted, uncached
+    assert lost.outcome == Outcome.MISS and np.array_equal(lost.outputs["probabilities"],
+                                                          computed.outputs["probabilities"])
+    assert from_redis().outcome == Outcome.HIT and sent[2:] == [b"EVALSHA", b"EVAL"]  # the text again
+    assert from_redis().outcome == Outcome.HIT and sent[4:] == [b"EVALSHA"]
+    assert cache.stats()["digits-heavy"] == {"hits": 3, "misses": 2}
+
+
 def test_samples_grow_apart_while_nothing_is_found():
     from types import SimpleNamespace
 
