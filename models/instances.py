@@ -122,16 +122,22 @@ def decode(text: str | bytes) -> object:
         return json.loads(text)  # NaN or Infinity tokens, which orjson does not read
 
 
+def encoded(version: ModelVersion, contents: list[bytes]) -> dict[str, np.ndarray]:
+    """Encoded images (files, stored raw inputs) as the arrays of the model's one image or bytes input, one
+    instance each."""
+    takes = [t for t in version.spec.inputs if t.image is not None or t.dtype.is_bytes]
+    if len(version.spec.inputs) != 1 or not takes:
+        raise InvalidInput(f"model {version.name!r} does not take a single image input; send JSON instead")
+    array = np.empty(len(contents), dtype=object)
+    array[:] = contents
+    return {takes[0].name: array}
+
+
 def from_stored(version: ModelVersion, kind: str, content: bytes) -> dict[str, np.ndarray]:
     """A stored raw input as the arrays of one instance: an encoded image for the model's one image
     input (kind `image`), or the JSON of a row-format instance (kind `instance`)."""
     if kind == "image":
-        takes = [t for t in version.spec.inputs if t.image is not None or t.dtype.is_bytes]
-        if len(version.spec.inputs) != 1 or not takes:
-            raise InvalidInput(f"model {version.name!r} does not take a single image input")
-        array = np.empty(1, dtype=object)
-        array[0] = content
-        return {takes[0].name: array}
+        return encoded(version, [content])
     try:
         value = decode(content)
     except ValueError:

@@ -8,6 +8,7 @@ import numpy as np
 from flask import Blueprint, Response, current_app, request, url_for
 
 import models
+from models import instances
 from tasks import submission
 from webapp import data, ensembles, wire
 from webapp.errors import BadRequest, Conflict
@@ -61,12 +62,7 @@ def cancel(job_id: str) -> Response:
 
 def _uploads(found: models.ModelVersion) -> dict[str, np.ndarray]:
     """Uploaded files as the encoded images of the model's image input, one instance per file."""
-    images = [t for t in found.spec.inputs if t.image is not None]
-    if len(found.spec.inputs) != 1 or not images:
-        raise BadRequest(f"model {found.name!r} does not take a single image input; send JSON instead")
     files = [f.read() for f in request.files.values()]
     if not files:
         raise BadRequest("the multipart body holds no file")
-    array = np.empty(len(files), dtype=object)
-    array[:] = files
-    return {images[0].name: array}
+    return instances.encoded(found, files)
