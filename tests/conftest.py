@@ -18,7 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from models.config import PACKAGE_DIR
-from webapp import create_app
+from webapp import close_app, create_app
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
@@ -76,9 +76,11 @@ def batch_tables(database_url: str) -> Iterator[sqlalchemy.Engine]:
 
 
 @pytest.fixture
-def app() -> Flask:
+def app() -> Iterator[Flask]:
     """The app over the committed model repository."""
-    return create_app({"TESTING": True, "reload_interval_s": 0.0})
+    app = create_app({"TESTING": True, "reload_interval_s": 0.0})
+    yield app
+    close_app(app)
 
 
 @pytest.fixture
@@ -95,9 +97,11 @@ def repo(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def repo_app(repo: Path) -> Flask:
+def repo_app(repo: Path) -> Iterator[Flask]:
     """The app over the scratch repository, rescanning it on every request."""
-    return create_app({"TESTING": True, "models_dir": repo, "reload_interval_s": 0.0})
+    app = create_app({"TESTING": True, "models_dir": repo, "reload_interval_s": 0.0})
+    yield app
+    close_app(app)
 
 
 @pytest.fixture

@@ -119,3 +119,26 @@ def test_keep_alive_connection_serves_many_requests(live_server):
         assert response.status == 200, response.read()
         assert orjson.loads(response.read())
     connection.close()
+
+
+def test_the_lifespan_shutdown_closes_the_stores_redis_lines(redis_url: str):
+    eager = {"task_always_eager": True, "task_eager_propagates": True}
+    bridge = create_asgi_app({"TESTING": True, "redis_url": redis_url, "celery": eager})
+    stores = bridge.flask.extensions
+    assert call(bridge, "POST", "/v1/models/iris:submit", [orjson.dumps(IRIS)])[0] == 202
+    opened = list(stores["jobs"]._lines._lines)  # the pool thread's, which created the job
+    assert opened and all(line.connection._sock is not None for line in opened)
+    opened.append(stores["cache"].lines.get())
+    messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return messages.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    asyncio.run(bridge({"type": "lifespan"}, receive, send))
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert all(line.connection._sock is None for line in opened)
+    assert not stores["jobs"]._lines._lines and not stores["cache"].lines._lines

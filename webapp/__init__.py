@@ -61,6 +61,13 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     return app
 
 
+def close_app(app: Flask) -> None:
+    """Close the Redis lines the app's job store and prediction cache opened, every thread's: the app is
+    done serving (the ASGI bridge's shutdown; a test's teardown)."""
+    app.extensions["jobs"].close()
+    app.extensions["cache"].close()
+
+
 def _settings(settings: Any, overrides: dict[str, Any]) -> Any:
     fields = {f.name for f in dataclasses.fields(settings)}
     return dataclasses.replace(settings, **{k: v for k, v in overrides.items() if k in fields})

@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 from flask import Flask
 
-from webapp import create_app
+from webapp import close_app, create_app
 from webapp.dataplane import Call, DataPlane, Route
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,7 @@ class Bridge:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.pool.shutdown(wait=True)
+                close_app(self.flask)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
