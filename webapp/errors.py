@@ -93,16 +93,17 @@ def _known(exc: Exception) -> Response:
 
 
 def _queue_down(exc: Exception) -> Response:
-    log.warning("queue unavailable: %s", exc)
-    body = {"error": "the job queue is unavailable; retry shortly (synchronous :predict keeps working)"}
-    return json_response(body, 503, {"Retry-After": "5"})
+    return _unavailable("job queue", exc, "synchronous :predict keeps working")
 
 
 def _store_down(exc: Exception) -> Response:
-    log.warning("batch store unavailable: %s", exc)
-    body = {"error": "the batch store is unavailable; retry shortly (is the database up and migrated, "
-                     "`python -m tasks.db upgrade`?)"}
-    return json_response(body, 503, {"Retry-After": "5"})
+    return _unavailable("batch store", exc, "is the database up and migrated, `python -m tasks.db upgrade`?")
+
+
+def _unavailable(what: str, exc: Exception, hint: str) -> Response:
+    """503 for a backing service that failed: a retry later may succeed."""
+    log.warning("%s unavailable: %s", what, exc)
+    return json_response({"error": f"the {what} is unavailable; retry shortly ({hint})"}, 503, {"Retry-After": "5"})
 
 
 def _http(exc: HTTPException) -> Response:
