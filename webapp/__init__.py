@@ -62,10 +62,14 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def close_app(app: Flask) -> None:
-    """Close the Redis lines the app's job store and prediction cache opened, every thread's: the app is
-    done serving (the ASGI bridge's shutdown; a test's teardown)."""
-    app.extensions["jobs"].close()
-    app.extensions["cache"].close()
+    """Close the Redis connections the app opened: its job store's and prediction cache's lines, every
+    thread's, and their clients' pools (the data store shares the cache's). The app is done serving (the
+    ASGI bridge's shutdown; a test's teardown)."""
+    jobs, cache = app.extensions["jobs"], app.extensions["cache"]
+    jobs.close()
+    cache.close()
+    for client in (jobs.client, cache.client):
+        client.close()
 
 
 def _settings(settings: Any, overrides: dict[str, Any]) -> Any:
