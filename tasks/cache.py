@@ -369,7 +369,9 @@ class PredictionCache:
             self._read(line)
 
     def close(self) -> None:
-        """Close this cache's Redis lines, every thread's (what is waiting to be written is dropped)."""
+        """Close this cache's Redis lines, every thread's, once its writer thread has ended (what is waiting
+        to be written is dropped)."""
+        self.writes.stop()
         self.lines.close_all()
 
     def stats(self) -> dict[str, dict[str, int]]:
@@ -422,12 +424,16 @@ class Writes:
         self.writing = threading.Lock()
         """Held while a batch is written and its replies read."""
         self.writer: threading.Thread | None = None
+        self.stopped = False
+        """Whether `stop` was called: commands are dropped, and the writer thread ends."""
 
     def add(self, *commands: tuple[object, ...], now: bool = False, taker: Wanted = False) -> None:
         """Write `commands` with the next batch, or `now` (with those waiting); their replies go to `taker`."""
         if self.pid != os.getpid():
             self._start()  # a new process: no writer thread here, nothing of the parent's to write
         with self.lock:
+            if self.stopped:
+                return
             self.waiting.extend((command, taker) for command in commands)
             if not now and len(self.waiting) < WRITE_BATCH:
                 if self.writer is None:
@@ -449,13 +455,23 @@ class Writes:
             if batch and (line := self.cache._write(batch)) is not None:
                 self.cache._settle(line)
 
+    def stop(self) -> None:
+        """Drop what is waiting and end the writer thread, once what it is writing is written (the cache's
+        lines are about to close: no thread may be using one then)."""
+        with self.lock:
+            self.stopped, self.waiting, writer = True, [], self.writer
+            self.came.notify_all()
+        if writer is not None and writer is not threading.current_thread():
+            writer.join()
+
     def _write_later(self) -> None:
         while True:
             with self.lock:
-                if not self.came.wait_for(lambda: self.waiting, timeout=WRITER_IDLE_S):
+                if not self.came.wait_for(lambda: self.waiting or self.stopped, timeout=WRITER_IDLE_S) or \
+                        self.stopped:
                     self.writer = None
                     break
-                self.came.wait_for(lambda: self.urgent, timeout=WRITE_DELAY_S)
+                self.came.wait_for(lambda: self.urgent or self.stopped, timeout=WRITE_DELAY_S)
             self.write()
         self.cache.lines.close()
 

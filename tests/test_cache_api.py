@@ -420,6 +420,18 @@ def test_a_line_that_gets_no_reply_in_time_raises_redis_py_s_timeout(redis_url: 
     lines.close_all()
 
 
+def test_closing_the_cache_ends_its_writer_thread_before_its_lines_close(app: Flask, fresh: redis.Redis):
+    cache = app.extensions["cache"]
+    cache.writes.add(("SET", "cache:t:pending", "1"))  # the writer thread starts, and waits for more
+    writer = cache.writes.writer
+    assert writer is not None and writer.is_alive()
+    cache.close()  # no thread is left using a line as it closes (a closed line under a writer broke it)
+    assert not writer.is_alive() and cache.writes.writer is None and not cache.lines._lines
+    cache.writes.add(("SET", "cache:t:late", "1"))  # a closed cache writes nothing more
+    time.sleep(2 * cache_module.WRITE_DELAY_S)
+    assert cache.writes.writer is None and not fresh.exists("cache:t:pending", "cache:t:late")
+
+
 def test_stores_nobody_waits_for_are_written_together(app: Flask, fresh: redis.Redis,
                                                        monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(cache_module, "WRITE_DELAY_S", 0.5)
