@@ -349,15 +349,12 @@ class PredictionCache:
             self._send()
 
     def _take_counts(self) -> list[tuple[object, ...]]:
-        if self._counted_out:
-            with self._counts_lock:
-                out = self._counted_out
-                for _ in range(len(out)):  # those appended meanwhile go with a later write
-                    self._counts[out.popleft(), "misses"] += 1
-        if not self._counts:
+        if not self._counts and not self._counted_out:
             return []
         with self._counts_lock:
-            counts, self._counts = self._counts, Counter()
+            counts, self._counts, out = self._counts, Counter(), self._counted_out
+            for _ in range(len(out)):  # those appended meanwhile go with a later write
+                counts[out.popleft(), "misses"] += 1
             self._counted_at = time.monotonic()
         return [("HINCRBY", STATS, f"{model}:{kind}", n) for (model, kind), n in counts.items()]
 
@@ -577,8 +574,7 @@ class Costs:
             return
         key, now = (version.key, _bucket(rows)), time.monotonic()
         doublings = int((now - self.new_since.setdefault(version.key, now)) / SAMPLE_GAP_S)
-        gap = SAMPLE_GAP_MAX if doublings >= SAMPLE_GAP_MAX.bit_length() else min(SAMPLE_EVERY << doublings,
-                                                                                   SAMPLE_GAP_MAX)
+        gap = min(SAMPLE_EVERY << min(doublings, SAMPLE_GAP_MAX.bit_length()), SAMPLE_GAP_MAX)
         if (last := self.gaps.get(key)) is not None:
             came = last[0] / max(now - last[1], 1e-6) * SAMPLE_GAP_S  # at the rate since the last sample
             gap = min(gap, max(SAMPLE_EVERY, int(came)))
