@@ -11,10 +11,10 @@ STAMP := $(VENV)/.installed
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[test]'
 	touch $(STAMP)
 
 .PHONY: install
@@ -35,12 +35,12 @@ lint: install ## Check style and complexity with ruff
 
 .PHONY: models
 models: install ## Retrain and export the reference models (installs the train extra)
-	$(BIN)/pip install --quiet -e '.[test,train]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[test,train]'
 	$(BIN)/python -m models.training
 
 .PHONY: bench
 bench: install ## Run the HTTP benchmark against in-process onnxruntime and a FastAPI baseline
-	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[test,bench]'
 	$(BIN)/python -m bench.http
 
 .PHONY: bench-jobs
@@ -54,6 +54,12 @@ bench-batch: install ## Run the batch benchmark: a run over 200,000 rows on Mari
 .PHONY: bench-cache
 bench-cache: install ## Run the prediction-cache benchmark: hits, misses and no cache on digits-heavy (needs Redis)
 	$(BIN)/python -m bench.cache
+
+.PHONY: lock
+lock: install ## Pin every dependency anew in requirements.lock (after a change to pyproject.toml)
+	$(BIN)/pip install --quiet -c requirements.lock pip-tools
+	$(BIN)/pip-compile --quiet --all-extras --strip-extras --no-header --no-emit-index-url --no-emit-find-links \
+		--output-file requirements.lock pyproject.toml
 
 .PHONY: clean
 clean: ## Remove the virtual environment and caches

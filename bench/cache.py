@@ -1,34 +1,25 @@
-"""Cache benchmarks: the prediction cache on `digits-heavy`, the data cache on `digits-light`.
+"""Prediction-cache benchmark: hits, misses and no cache on a costly model and a cheap one, and the break-even.
 
-Prediction cache, `POST /v1/models/digits-heavy:predict` for requests of each `--rows` size, four kinds:
-- no cache: served without the prediction cache;
-- miss: the cache on, every request's rows made unique (one pixel nudged by a counter), so each one is
-  computed and stored;
-- hit: the cache on, the same request again and again after one warm-up (answered from the process's copy);
-- hit from Redis: the same, with the process's copy emptied before each request, as in a process that never
-  answered it (the entry another process stored); measured in process only.
-The miss and no-cache points send the same stream of unique bodies. Measured two ways, each in rounds in
-which the kinds take turns in blocks of `--block` requests, in an order drawn afresh for each turn (so the
-machine's drift, and what one kind leaves behind for the next, falls on all alike), each timed block after
-as many untimed requests of its kind (how the cache goes to Redis follows the hit rate a process has seen
-lately: each kind is measured once that has settled):
-1. in process: the time the web process's data plane takes to answer (body parse, cache, model, answer
-   bytes; no HTTP), with a real Redis, the no-cache plane sharing the cached one's model sessions; then,
-   untimed but recorded, what the cache does behind the answer once it is sent (keep and store it:
-   `DataPlane.after`), reported as the miss's total work;
-2. over HTTP: one keep-alive connection to a real web server (`deploy/gunicorn.conf.py`, one worker) that
-   serves the model twice, as `digits-heavy` with its cache and as `digits-heavy-uncached`, a copy whose spec
-   turns the cache off, the latency each request sees. One process serves both kinds, so they share its
-   place on the cores (two servers' places differ from run to run, and at one connection that moved the
-   no-cache latency by half).
-Ratios are medians over the turns of each turn's ratio of block medians (the kinds of one turn run
-within milliseconds of each other, so what the machine's other tenants do weighs on them alike); targets:
-a hit at least 5x faster than a miss, a miss at most 1.05x the no-cache time. The miss is also given by
-block means, which weigh the few requests a sample slows (a median hardly sees them): what the cache costs
-in throughput.
-
-Data cache, `digits-light` requests of `--images` PNG digits: sent as `{"b64"}` instances every time,
-against `{"data_ids": [...]}` naming the same images stored once (`POST /v1/data`) and warmed.
+Two models, each served twice from a scratch repository, cached (`options.cache_ttl_s = 300`) and not:
+`digits-heavy` (a calibrated RBF SVC, cached by its own spec; `digits-heavy-uncached` the copy that turns it
+off) and `iris` (a 100-tree random forest, uncached by its spec; `iris-cached` the copy that turns it on).
+For each `--rows` size, four kinds of request:
+- none: no cache, the model run (`models.predict`);
+- miss: the cache on, every request's rows made unique (one value nudged by a counter): looked up, computed,
+  stored;
+- hit: the cache on, the same request again and again (answered from the process's own copy);
+- hit from Redis: the same with the process's copy emptied before each request, as in a process that never
+  answered it (another stored it); in process only.
+Measured two ways, in rounds in which the kinds take turns in blocks of `--block` requests, in an order drawn
+afresh each turn, each timed block after as many untimed requests of its kind:
+1. in process: `webapp.cache.PredictionCache.predict` against `models.predict` on the same model version
+   (the same session), with a real Redis: what the cache adds or saves, without HTTP;
+2. over HTTP: one keep-alive connection to a real web server (deploy/gunicorn.conf.py, one worker) serving the
+   repository; what a client sees, including where the server runs each model (uncached cheap models on its
+   event loop, cached ones on a thread).
+Ratios are medians over the turns of each turn's ratio of block medians. The break-even hit rate is the share
+of hits at which caching costs what no cache does: with none N, miss M and hit H (medians),
+h = (M - N) / (M - H); above it the cache pays, and when H >= N it never does.
 
 Run it as a module from the repository root (`python -m bench.cache --help`).
 """
@@ -36,12 +27,9 @@ Run it as a module from the repository root (`python -m bench.cache --help`).
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import datetime
-import functools
 import http.client
-import io
 import os
 import random
 import shutil
@@ -50,118 +38,131 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import orjson
 import redis
-from flask import Flask
-from PIL import Image
-from sklearn.datasets import load_digits
+from sklearn.datasets import load_digits, load_iris
 
+import models
 from bench import report
-from bench.servers import ROOT, free_port, stop, wait_until_answering
-from tasks import db
-from webapp import create_app
-from webapp.dataplane import Call, DataPlane
+from bench.servers import ROOT, Running, free_port, stop, wait_until_answering
+from bench.targets import Target
+from models import Registry, Settings
+from webapp.cache import Outcome, PredictionCache
 
-PATH = "/v1/models/digits-heavy:predict"
-UNCACHED = "digits-heavy-uncached"
-UNCACHED_PATH = f"/v1/models/{UNCACHED}:predict"
-MODELS = ROOT / "models"
-DATA_PATH = "/v1/models/digits-light:predict"
+TTL_LINE = "cache_ttl_s = 300"
+PAIRS = {"digits-heavy": "digits-heavy-uncached", "iris-cached": "iris"}
+"""Each cached model and its uncached copy."""
+KINDS = ("none", "miss", "hit", "redis")
 
 
-def arguments() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rows", default="1,10,100", help="rows per request, one point each")
-    parser.add_argument("--requests", type=int, default=300, help="requests per point and round")
-    parser.add_argument("--block", type=int, default=20, help="requests of one kind in a row")
-    parser.add_argument("--rounds", type=int, default=5)
+def arguments(argv: list[str] | None) -> argparse.Namespace:
+    """Read the command line."""
+    parser = argparse.ArgumentParser(prog="python -m bench.cache", description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", default="1,10", help="rows per request, one point each (default 1,10)")
+    parser.add_argument("--requests", type=int, default=200, help="timed requests per point and round (default 200)")
+    parser.add_argument("--block", type=int, default=20, help="requests of one kind in a row (default 20)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
     parser.add_argument("--no-http", dest="http", action="store_false", help="skip the measurement over HTTP")
-    parser.add_argument("--images", default="1,10", help="images per request of the data-cache points")
-    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/6")
-    return parser.parse_args()
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/6", help="Redis for the cache (flushed)")
+    return parser.parse_args(argv)
 
 
-class Requests:
-    """Bodies of `rows` digits rows: unique ones (a counter nudges pixel `pixel` of the first row) or always
-    the same."""
+def repository(folder: Path) -> Path:
+    """A model repository of both models, each with its cache on and off (`PAIRS`)."""
+    shutil.copytree(ROOT / "models" / "digits-heavy", folder / "digits-heavy")
+    shutil.copytree(ROOT / "models" / "iris", folder / "iris")
+    shutil.copytree(ROOT / "models" / "digits-heavy", folder / "digits-heavy-uncached")
+    shutil.copytree(ROOT / "models" / "iris", folder / "iris-cached")
+    _edit(folder / "digits-heavy-uncached" / "model.toml", TTL_LINE, "cache_ttl_s = 0")
+    _edit(folder / "iris-cached" / "model.toml", "[options]\n", f"[options]\n{TTL_LINE}\n")
+    return folder
 
-    def __init__(self, rows: int, pixel: int = 0):
-        self.data = load_digits().data.astype(np.float32)[:rows]
-        self.count, self.pixel = 0, pixel
 
-    def unique(self) -> bytes:
+def _edit(spec: Path, old: str, new: str) -> None:
+    text = spec.read_text()
+    if old not in text:
+        raise SystemExit(f"{spec} has no {old.strip()!r} to change")
+    spec.write_text(text.replace(old, new, 1))
+
+
+class Rows:
+    """Requests of `rows` rows of a model's dataset: unique ones (a counter sets the first value, below any the
+    dataset holds, so never to the same rows' value) or always the same."""
+
+    def __init__(self, model: str, rows: int):
+        data = (load_digits() if model.startswith("digits") else load_iris()).data
+        self.data, self.count = data.astype(np.float32)[:rows], 0
+
+    def unique(self) -> np.ndarray:
+        """New rows, never sent before in this run."""
         self.count += 1
         data = self.data.copy()
-        data[0, self.pixel] = self.count % 17 + (self.count // 17) * 1e-3  # still a valid 0-16 pixel scale value
-        return orjson.dumps({"instances": data.tolist()})
+        data[0, 0] = -1 - self.count * 1e-3
+        return data
 
-    def same(self) -> bytes:
-        return orjson.dumps({"instances": self.data.tolist()})
-
-
-def timed(plane: DataPlane, bodies: list[bytes], path: str = PATH, before: Callable[[], None] = lambda: None,
-          behind: list[float] | None = None) -> float:
-    """The median seconds the data plane takes to answer each body (`before` runs, untimed, ahead of each;
-    what the answer leaves to do after it is sent runs untimed, its seconds appended to `behind`)."""
-    route = plane.route(path)
-    took = []
-    for body in bodies:
-        before()
-        started = time.perf_counter()
-        status, *_ = plane.respond(route, Call("POST", body, "application/json"))
-        answered = time.perf_counter()
-        took.append(answered - started)
-        plane.after()
-        if behind is not None:
-            behind.append(time.perf_counter() - answered)
-        if status != 200:
-            raise SystemExit(f"{path} answered {status}")
-    return statistics.median(took)
+    def same(self) -> np.ndarray:
+        """The same rows every time."""
+        return self.data
 
 
-KINDS = ("none", "miss", "hit", "shared")
+def turns(kinds: dict[str, Callable[[], float]], args: argparse.Namespace, seed: random.Random,
+          into: dict[str, list[float]], point: str) -> None:
+    """Time each kind in blocks, in an order drawn afresh each turn; append each block's median and mean."""
+    for _ in range(max(1, args.requests // args.block)):
+        for kind, call in seed.sample(list(kinds.items()), len(kinds)):
+            for _ in range(args.block):  # untimed: steady state
+                call()
+            took = [call() for _ in range(args.block)]
+            into.setdefault(f"{point}:{kind}", []).append(statistics.median(took))
+            into.setdefault(f"{point}:{kind}:mean", []).append(statistics.fmean(took))
 
 
-def in_process(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[float]]:
-    """Per-turn medians of each kind and size, and of the work behind each miss, answered in process."""
-    app = create_app({"redis_url": args.redis_url})
-    cached, local = app.wsgi_app, app.extensions["cache"].local
-    # the same registry, so the same model sessions: the two differ by the cache alone
-    uncached = DataPlane(cached.registry, cached.fallback, cached.max_body_bytes, cache=None, stored=cached.stored)
+def in_process(args: argparse.Namespace, folder: Path, sizes: list[int]) -> dict[str, list[float]]:
+    """Per-turn medians (seconds) of each kind, model and size, answered by the cache or the model in process."""
+    registry = Registry(Settings(models_dir=folder))
+    cache = PredictionCache(redis.Redis.from_url(args.redis_url))
     medians: dict[str, list[float]] = {}
-    streams = {rows: Requests(rows) for rows in sizes}  # counters run on across rounds: every miss is new
-    turns = random.Random(1)
-    for round_number in range(args.rounds):
-        for rows in sizes:
-            requests = streams[rows]
-            same = requests.same()
-            timed(cached, [same])  # the one miss that fills the entry
-            again = functools.partial(bytes, same)
-            kinds = {"none": (uncached, requests.unique), "miss": (cached, requests.unique),
-                     "hit": (cached, again), "shared": (cached, again)}
-            for _ in range(args.requests // args.block):
-                behind: list[float] = []
-                for kind, (plane, body) in turns.sample(list(kinds.items()), len(kinds)):
-                    clear = local.clear if kind == "shared" else (lambda: None)
-                    timed(plane, [body() for _ in range(args.block)], before=clear)  # untimed: steady state
-                    took = [timed(plane, [body()], before=clear, behind=behind if kind == "miss" else None)
-                            for _ in range(args.block)]
-                    medians.setdefault(f"{kind}-{rows}", []).append(statistics.median(took))
-                    medians.setdefault(f"mean-{kind}-{rows}", []).append(statistics.fmean(took))
-                medians.setdefault(f"behind-{rows}", []).append(statistics.median(behind))
-        print(f"in process, round {round_number + 1}: " + _latest(medians, args), flush=True)
+    seed = random.Random(1)
+    streams = {(m, n): Rows(m, n) for m in PAIRS for n in sizes}  # counters run on across rounds
+    try:
+        for round_number in range(args.rounds):
+            for (model, rows), stream in streams.items():
+                version = registry.get(model)
+                turns(cache_kinds(cache, version, stream), args, seed, medians, f"{model}/{rows}")
+            print(f"in process, round {round_number + 1}: {latest(medians, args)}", flush=True)
+    finally:
+        cache.close()
     return medians
 
 
-def _latest(medians: dict[str, list[float]], args: argparse.Namespace) -> str:
-    """The median of each point's turns in the round just measured."""
-    turns = args.requests // args.block
-    return ", ".join(f"{k} {statistics.median(v[-turns:]) * 1e3:.3f} ms" for k, v in medians.items()
-                     if not k.startswith("mean-"))
+def cache_kinds(cache: PredictionCache, version: models.ModelVersion, stream: Rows) -> dict[str, Callable[[], float]]:
+    """The four kinds of one model and size as calls that answer their seconds, each checking its outcome."""
+    name = version.spec.inputs[0].name
+
+    def timed(inputs: np.ndarray, expect: Outcome | None, before: Callable[[], None] = lambda: None) -> float:
+        before()
+        started = time.perf_counter()
+        if expect is None:
+            models.predict(version, {name: inputs})
+        elif (outcome := cache.predict(version, {name: inputs}).outcome) is not expect:
+            raise SystemExit(f"{version.name}: a {expect} expected, the cache answered a {outcome}")
+        return time.perf_counter() - started
+
+    cache.predict(version, {name: stream.same()})  # the entry every hit reads
+    return {"none": lambda: timed(stream.unique(), None), "miss": lambda: timed(stream.unique(), Outcome.MISS),
+            "hit": lambda: timed(stream.same(), Outcome.HIT),
+            "redis": lambda: timed(stream.same(), Outcome.HIT, cache.local.clear)}
+
+
+def latest(medians: dict[str, list[float]], args: argparse.Namespace) -> str:
+    """The median of each point's turns in the round just measured, in microseconds."""
+    count = max(1, args.requests // args.block)
+    return ", ".join(f"{k} {statistics.median(v[-count:]) * 1e6:.0f} us" for k, v in medians.items()
+                     if not k.endswith(":mean"))
 
 
 class Client:
@@ -171,8 +172,8 @@ class Client:
         self.connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         self.reconnects = 0
 
-    def ask(self, body: bytes, path: str = PATH) -> float:
-        """The seconds one request takes to be answered."""
+    def ask(self, path: str, body: bytes, expect: str | tuple[str, ...] | None) -> float:
+        """The seconds one request takes to be answered; its X-Cache header must say `expect` (or one of them)."""
         started = time.perf_counter()
         try:
             self.connection.request("POST", path, body, {"Content-Type": "application/json"})
@@ -180,143 +181,137 @@ class Client:
         except (http.client.RemoteDisconnected, ConnectionError):
             self.reconnects += 1
             self.connection.close()
-            return self.ask(body, path)
+            return self.ask(path, body, expect)
         response.read()
-        if response.status != 200:
-            raise SystemExit(f"{path} answered {response.status}")
-        return time.perf_counter() - started
+        took = time.perf_counter() - started
+        said = response.getheader("X-Cache")
+        if response.status != 200 or (said not in expect if isinstance(expect, tuple) else said != expect):
+            raise SystemExit(f"{path} answered {response.status}, X-Cache {said}, not 200 and {expect}")
+        return took
 
 
-def uncached_copy(repository: Path) -> None:
-    """A model repository of `digits-heavy` and `UNCACHED`, the same model with its cache turned off."""
-    for name in ("digits-heavy", UNCACHED):
-        shutil.copytree(MODELS / "digits-heavy", repository / name)
-    spec = repository / UNCACHED / "model.toml"
-    text = spec.read_text()
-    if "cache_ttl_s = 300" not in text:
-        raise SystemExit(f"{spec} does not set cache_ttl_s = 300 to turn off")
-    spec.write_text(text.replace("cache_ttl_s = 300", "cache_ttl_s = 0"))
+@contextlib.contextmanager
+def web_server(args: argparse.Namespace, folder: Path) -> Iterator[int]:
+    """One web worker serving the repository with the prediction cache on; yield its port."""
+    port, log_path = free_port(), folder.parent / "server.log"
+    env = {**os.environ, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "1", "LOG_LEVEL": "warning",
+           "REDIS_URL": args.redis_url, "PREDICTION_CACHE": "on", "MODELS_DIR": str(folder), "API_KEYS": "off",
+           "ORT_INTRA_OP_THREADS": "1", "DATABASE_URL": f"sqlite:///{folder.parent / 'platform.db'}"}
+    argv = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")]
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            body = orjson.dumps({"instances": Rows("iris", 1).same().tolist()})
+            for path in (_path("iris"), _path("iris-cached")):
+                target = Target(path, path, "web", path, body, "v1")
+                wait_until_answering(Running(f"http://127.0.0.1:{port}", {}), target, log_path)
+            yield port
+        finally:
+            stop(process)
 
 
-def over_http(args: argparse.Namespace, sizes: list[int]) -> dict[str, list[float]]:
-    """Per-turn medians of each kind and size as a client sees them, from a real web server that serves the
-    model twice, with its cache and without (`uncached_copy`): one process, so the two kinds share its place
-    on the cores, which on a small machine moves a one-connection latency more than the cache does."""
+def _path(model: str) -> str:
+    return f"/v1/models/{model}:predict"
+
+
+def over_http(args: argparse.Namespace, folder: Path, sizes: list[int]) -> dict[str, list[float]]:
+    """Per-turn medians (seconds) of each kind but `redis`, model and size, as a client sees them."""
     medians: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-cache-") as scratch, contextlib.ExitStack() as stack:
-        uncached_copy(Path(scratch))
-        port, log_path = free_port(), Path(scratch) / "server.log"
-        env = {**os.environ, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "1", "LOG_LEVEL": "info",
-               "REDIS_URL": args.redis_url, "PREDICTION_CACHE": "on", "MODELS_DIR": scratch}
-        log = stack.enter_context(open(log_path, "wb"))
-        argv = [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")]
-        stack.callback(stop, subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT))
-        streams = {rows: Requests(rows, pixel=1) for rows in sizes}  # bodies the first part never sent
-        turns = random.Random(2)
-        for path in (PATH, UNCACHED_PATH):
-            wait_until_answering(f"http://127.0.0.1:{port}{path}", streams[sizes[0]].same(), log_path)
+    seed = random.Random(2)
+    streams = {(m, n): Rows(m, n) for m in PAIRS for n in sizes}
+    for stream in streams.values():
+        stream.count = 1 << 20  # rows the in-process part never sent
+    with web_server(args, folder) as port:
         client = Client(port)
         for round_number in range(args.rounds):
-            for rows in sizes:
-                requests = streams[rows]
-                same = requests.same()
-                client.ask(same)
-                kinds = {"none": (UNCACHED_PATH, requests.unique), "miss": (PATH, requests.unique),
-                         "hit": (PATH, functools.partial(bytes, same))}
-                for _ in range(args.requests // args.block):
-                    for kind, (path, body) in turns.sample(list(kinds.items()), len(kinds)):
-                        for _ in range(args.block):  # untimed: steady state, as in process
-                            client.ask(body(), path)
-                        took = [client.ask(body(), path) for _ in range(args.block)]
-                        medians.setdefault(f"{kind}-{rows}", []).append(statistics.median(took))
-                        medians.setdefault(f"mean-{kind}-{rows}", []).append(statistics.fmean(took))
-            print(f"over HTTP, round {round_number + 1}: " + _latest(medians, args), flush=True)
-        if client.reconnects:
-            tail = log_path.read_text(errors="replace")[-1500:]
-            print(f"the server closed {client.reconnects} connection(s); log tail: {tail}")
+            for (model, rows), stream in streams.items():
+                turns(http_kinds(client, model, stream), args, seed, medians, f"{model}/{rows}")
+            print(f"over HTTP, round {round_number + 1}: {latest(medians, args)}", flush=True)
+    if client.reconnects:
+        print(f"the server closed {client.reconnects} keep-alive connection(s)")
     return medians
 
 
+def http_kinds(client: Client, model: str, stream: Rows) -> dict[str, Callable[[], float]]:
+    """The kinds of one model and size as requests that answer their seconds."""
+
+    def body(rows: np.ndarray) -> bytes:
+        return orjson.dumps({"instances": rows.tolist()})
+
+    same = body(stream.same())
+    client.ask(_path(model), same, ("MISS", "HIT"))  # the entry every hit reads (there since an earlier round)
+    return {"none": lambda: client.ask(_path(PAIRS[model]), body(stream.unique()), None),
+            "miss": lambda: client.ask(_path(model), body(stream.unique()), "MISS"),
+            "hit": lambda: client.ask(_path(model), same, "HIT")}
+
+
+def break_even(none: float, miss: float, hit: float) -> float | None:
+    """The hit rate above which the cache costs less than no cache; None when it never does."""
+    if hit >= none:
+        return None
+    return max(0.0, (miss - none) / (miss - hit))
+
+
 def figures_of(medians: dict[str, list[float]], sizes: list[int], how: str) -> tuple[dict, list[str]]:
-    """Medians and per-turn ratio medians of each size, and a line each for the summary."""
+    """Each point's medians, ratios and break-even hit rates, and a line each for the summary."""
     figures, lines = {}, []
-
-    def ratio(a: str, b: str, rows: int) -> float:
-        return statistics.median(x / y for x, y in zip(medians[f"{a}-{rows}"], medians[f"{b}-{rows}"], strict=True))
-
-    for rows in sizes:
-        ms = {kind: statistics.median(v) * 1e3 for kind in (*KINDS, "behind")
-              if (v := medians.get(f"{kind}-{rows}"))}
-        point = {f"{kind}_ms": value for kind, value in ms.items()}
-        point |= {"miss_vs_none": ratio("miss", "none", rows), "hit_speedup": ratio("miss", "hit", rows),
-                  "mean_miss_vs_none": ratio("mean-miss", "mean-none", rows)}
-        line = (f"{how}, {rows} rows: no cache {ms['none']:.3f} ms, miss {ms['miss']:.3f} ms "
-                f"({point['miss_vs_none']:.3f}x, target <= 1.05x; by means {point['mean_miss_vs_none']:.3f}x), "
-                f"hit {ms['hit']:.3f} ms "
-                f"({point['hit_speedup']:.1f}x faster than a miss, target >= 5x)")
-        if "shared" in ms:
-            point["shared_hit_speedup"] = ratio("miss", "shared", rows)
-            miss_work = [m + b for m, b in zip(medians[f"miss-{rows}"], medians[f"behind-{rows}"], strict=True)]
-            point["miss_work_vs_none"] = statistics.median(
-                w / n for w, n in zip(miss_work, medians[f"none-{rows}"], strict=True))
-            line += (f", hit from Redis {ms['shared']:.3f} ms ({point['shared_hit_speedup']:.1f}x); work behind a"
-                     f" miss's answer {ms['behind']:.3f} ms (answer + behind {point['miss_work_vs_none']:.3f}x)")
-        figures[str(rows)] = point
-        lines.append(line)
+    for model in PAIRS:
+        for rows in sizes:
+            point = f"{model}/{rows}"
+            figures[point] = found = point_figures(medians, point)
+            lines.append(summary_line(how, point, found))
     return figures, lines
 
 
-def main() -> None:
-    args = arguments()
+def point_figures(medians: dict[str, list[float]], point: str) -> dict[str, float | None]:
+    """One point's median per kind (us), miss/none and none/hit ratios, and break-even hit rates."""
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(medians[f"{point}:{a}"], medians[f"{point}:{b}"], strict=True))
+
+    us = {kind: statistics.median(medians[f"{point}:{kind}"]) * 1e6 for kind in KINDS if f"{point}:{kind}" in medians}
+    found: dict[str, float | None] = {f"{kind}_us": value for kind, value in us.items()}
+    found |= {"miss_vs_none": ratio("miss", "none"), "none_vs_hit": ratio("none", "hit"),
+              "break_even_hit_rate": break_even(us["none"], us["miss"], us["hit"])}
+    if "redis" in us:
+        found |= {"none_vs_redis_hit": ratio("none", "redis"),
+                  "break_even_redis_hit_rate": break_even(us["none"], us["miss"], us["redis"])}
+    return found
+
+
+def summary_line(how: str, point: str, found: dict[str, float | None]) -> str:
+    """One point's figures in a sentence."""
+    line = (f"{how}, {point} rows: no cache {found['none_us']:.0f} us, miss {found['miss_us']:.0f} us "
+            f"({found['miss_vs_none']:.2f}x no cache), hit {found['hit_us']:.0f} us "
+            f"(no cache {found['none_vs_hit']:.2f}x a hit); pays above {_rate(found['break_even_hit_rate'])} hits")
+    if "redis_us" in found:
+        line += (f"; hit from Redis {found['redis_us']:.0f} us (no cache {found['none_vs_redis_hit']:.2f}x it), "
+                 f"pays above {_rate(found['break_even_redis_hit_rate'])} such hits")
+    return line
+
+
+def _rate(rate: float | None) -> str:
+    return "no rate of" if rate is None else f"{rate:.0%}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark, print a line per point and write the JSON results."""
+    args = arguments(argv)
     redis.Redis.from_url(args.redis_url).flushdb()
     sizes = [int(n) for n in args.rows.split(",")]
-    local = in_process(args, sizes)
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as scratch:
+        folder = repository(Path(scratch) / "models")
+        local = in_process(args, folder, sizes)
+        remote = over_http(args, folder, sizes) if args.http else {}
     figures, lines = figures_of(local, sizes, "in process")
-    remote = over_http(args, sizes) if args.http else {}
     http_figures, http_lines = figures_of(remote, sizes, "over HTTP") if remote else ({}, [])
-    url = f"sqlite:///{tempfile.mkdtemp(prefix='bench-cache-')}/data.db"
-    db.upgrade(url)
-    stored, data_lines = data_cache(create_app({"redis_url": args.redis_url, "database_url": url}), args)
-    lines += http_lines + data_lines
-    print("\n".join(lines))
-    document = {"rows": sizes, "requests": args.requests, "block": args.block, "rounds": args.rounds,
-                "medians_s": local, "figures": figures, "http_medians_s": remote, "http_figures": http_figures,
-                "data_cache": stored, "summary": lines, "environment": report.environment("bench/cache.py")}
+    print("\n" + "\n".join(lines + http_lines))
+    document = {"settings": vars(args), "rows": sizes, "medians_s": local, "figures": figures,
+                "http_medians_s": remote, "http_figures": http_figures, "summary": lines + http_lines,
+                "environment": report.environment("bench/cache.py")}
     path = report.save(document, datetime.datetime.now(datetime.UTC), "cache")
     print(f"results written to {path.relative_to(ROOT)}")
-
-
-def digit_png(pixels: np.ndarray) -> bytes:
-    """One of scikit-learn's 8x8 digits drawn as a 64x64 PNG, dark ink on white."""
-    ink = Image.fromarray(np.rint(255 - pixels.reshape(8, 8) * 255 / 16).astype(np.uint8), "L")
-    out = io.BytesIO()
-    ink.resize((64, 64), Image.Resampling.NEAREST).save(out, "PNG")
-    return out.getvalue()
-
-
-def data_cache(app: Flask, args: argparse.Namespace) -> tuple[dict, list[str]]:
-    """Requests of stored, warmed images by id against the same images sent every time."""
-    digits, store = load_digits().data, app.extensions["data"]
-    version = app.extensions["registry"].get("digits-light")
-    pngs = [digit_png(digits[i]) for i in range(max(int(n) for n in args.images.split(",")))]
-    ids = [store.put("image", png, "image/png")["data_id"] for png in pngs]
-    store.prepared(version, ids)  # warm
-    medians: dict[str, list[float]] = {}
-    for _ in range(args.rounds):
-        for n in (int(n) for n in args.images.split(",")):
-            sent = orjson.dumps({"instances": [{"b64": base64.b64encode(p).decode()} for p in pngs[:n]]})
-            by_id = orjson.dumps({"data_ids": ids[:n]})
-            for name, body in ((f"images-{n}", sent), (f"ids-{n}", by_id)):
-                medians.setdefault(name, []).append(timed(app.wsgi_app, [body] * args.requests, DATA_PATH))
-    figures, lines = {}, []
-    for n in (int(n) for n in args.images.split(",")):
-        sent, by_id = medians[f"images-{n}"], medians[f"ids-{n}"]
-        speedup = statistics.median(s / i for s, i in zip(sent, by_id, strict=True))
-        figures[str(n)] = {"images_ms": statistics.median(sent) * 1e3, "data_ids_ms": statistics.median(by_id) * 1e3,
-                           "speedup": speedup}
-        lines.append(f"{n} image(s): sent every time {statistics.median(sent) * 1e3:.3f} ms, by data_id on a warm "
-                     f"cache {statistics.median(by_id) * 1e3:.3f} ms ({speedup:.1f}x faster)")
-    return {"medians_s": medians, "figures": figures}, lines
 
 
 if __name__ == "__main__":

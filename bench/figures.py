@@ -1,4 +1,4 @@
-"""The figures drawn from the rounds: medians, ratios to the baseline, overheads and distances to the floor.
+"""The figures drawn from the rounds: medians, the comparisons' ratios, overheads and distances to the floor.
 
 Comparisons between two points are taken round by round and their median reported, so that a machine drifting
 between rounds weighs on both sides of each comparison alike.
@@ -9,12 +9,13 @@ from __future__ import annotations
 import statistics
 
 from bench.sample import Sample
-from bench.targets import BASELINE, FLOOR, OURS, PREDICTING, key
+from bench.targets import Comparison, Target, key
 
 Figures = dict[str, dict[str, float]]
+Samples = dict[str, list[Sample]]
 
 
-def medians(samples: dict[str, list[Sample]]) -> Figures:
+def medians(samples: Samples) -> Figures:
     """The median of each figure of each point across rounds, plus the errors summed."""
     return {
         name: {
@@ -27,15 +28,19 @@ def medians(samples: dict[str, list[Sample]]) -> Figures:
     }
 
 
-def ratios(samples: dict[str, list[Sample]], concurrencies: list[int]) -> Figures:
-    """Each of our routes against the baseline, as the median of the ratios taken round by round."""
+def ratios(samples: Samples, comparisons: tuple[Comparison, ...], concurrencies: list[int]) -> Figures:
+    """Each comparison at each concurrency: the medians of the round-by-round throughput and p99 ratios, and of
+    each round's lowest and highest throughput ratio."""
     out = {}
-    for target in OURS:
+    for comparison in comparisons:
         for c in concurrencies:
-            ours, base = samples[key(target.name, c)], samples[key(BASELINE, c)]
-            out[key(target.name, c)] = {
-                "throughput": statistics.median(o.rps / b.rps for o, b in zip(ours, base, strict=True)),
-                "p99": statistics.median(o.p99_ms / b.p99_ms for o, b in zip(ours, base, strict=True)),
+            pairs = list(zip(samples[key(comparison.ours, c)], samples[key(comparison.reference, c)], strict=True))
+            throughput = [o.rps / r.rps for o, r in pairs]
+            out[key(comparison.name, c)] = {
+                "throughput": statistics.median(throughput),
+                "p99": statistics.median(o.p99_ms / r.p99_ms for o, r in pairs),
+                "throughput_min": min(throughput),
+                "throughput_max": max(throughput),
             }
     return out
 
@@ -49,22 +54,16 @@ def overheads(summary: Figures) -> Figures:
     }
 
 
-def above_floor(samples: dict[str, list[Sample]], concurrencies: list[int]) -> dict[str, float]:
-    """Each predicting route's p50 minus the loopback floor's, in ms: its cost beyond the round trip."""
+def above_floor(samples: Samples, targets: tuple[Target, ...], concurrencies: list[int]) -> dict[str, float]:
+    """Each predicting route's p50 minus the loopback floor's, in ms: its cost beyond the round trip (none when
+    the floor was not measured)."""
+    if not any(t.answer == "floor" for t in targets):
+        return {}
     out = {}
-    for target in PREDICTING:
+    for target in targets:
         for c in concurrencies:
-            point, floor = samples[key(target.name, c)], samples[key(FLOOR, c)]
-            out[key(target.name, c)] = statistics.median(
-                p.p50_ms - f.p50_ms for p, f in zip(point, floor, strict=True))
+            if target.answer != "floor":
+                point, floor = samples[key(target.name, c)], samples[key("floor", c)]
+                out[key(target.name, c)] = statistics.median(
+                    p.p50_ms - f.p50_ms for p, f in zip(point, floor, strict=True))
     return out
-
-
-def floor_shares(samples: dict[str, list[Sample]], concurrencies: list[int]) -> dict[str, float]:
-    """At each concurrency, the loopback floor's p50 as a fraction of the baseline's."""
-    return {
-        key(FLOOR, c): statistics.median(
-            f.p50_ms / b.p50_ms
-            for f, b in zip(samples[key(FLOOR, c)], samples[key(BASELINE, c)], strict=True))
-        for c in concurrencies
-    }

@@ -1,11 +1,11 @@
-"""Synchronous HTTP benchmark: our web process against FastAPI, bare onnxruntime and a no-op floor.
+"""Synchronous HTTP benchmark: our web process against FastAPI, MLServer, the build before it and a no-op floor.
 
-One run measures, in interleaved rounds so that a noisy shared machine weighs on all alike:
-in-process onnxruntime on the iris model (one row, one intra-op thread); a loopback floor (bench/noop_app.py,
-gunicorn with our worker class and count, an app that does no work); the FastAPI baseline
-(bench/fastapi_baseline.py, gunicorn with 2 uvicorn workers, as ours); and our platform (gunicorn with
-deploy/gunicorn.conf.py, 2 workers) on its TensorFlow Serving `:predict` and V2 `/infer` routes.
-Each point is single-row requests over keep-alive connections on loopback, at each concurrency.
+One run measures, in interleaved rounds so that a noisy shared machine weighs on all alike, single-row iris
+predictions over keep-alive connections on loopback, at each concurrency: in-process onnxruntime (one intra-op
+thread); a loopback floor (bench/noop_app.py on our worker class); the FastAPI baseline
+(bench/fastapi_baseline.py); MLServer with an onnxruntime runtime, in its own environment; our platform
+(deploy/gunicorn.conf.py) on `:predict` and V2 `/infer`, with API keys off and, on a second server, on; and
+the build before the web tier's redesign, checked out under var/. Every server has 2 workers.
 
 Run it as a module from the repository root (`python -m bench.http --help`); see bench/README.md.
 """
@@ -19,32 +19,34 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import figures, report
+from bench import figures, mlserver, report
 from bench.inprocess import InProcess
 from bench.load import Generator, pick_generator
 from bench.sample import Sample
-from bench.servers import ROOT, WORKERS, check_answers, running_servers
-from bench.targets import TARGETS, key
+from bench.servers import ROOT, WORKERS, Running, check_answers, running_servers
+from bench.targets import OLD_BUILD, SERVERS, Comparison, Target, chosen, key
 
 
-def measure(args: argparse.Namespace, generate: Generator, urls: dict[str, str],
-            inprocess: InProcess) -> dict[str, list[Sample]]:
-    """Run every point once per round, rotating the order of the servers from round to round."""
+def measure(args: argparse.Namespace, generate: Generator, servers: dict[str, Running],
+            targets: tuple[Target, ...], inprocess: InProcess) -> dict[str, list[Sample]]:
+    """Run every point once per round, rotating the order of the targets from round to round."""
     samples: dict[str, list[Sample]] = {}
-    for target in TARGETS:
+    for target in targets:
         if args.warmup:
-            generate(urls[target.server] + target.path, target.body, max(args.concurrency), args.warmup)
+            running = servers[target.server]
+            generate(running.url + target.path, target.body, running.headers, max(args.concurrency), args.warmup)
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}/{args.rounds}", flush=True)
         sample = inprocess.measure(args.duration)
         samples.setdefault("inprocess", []).append(sample)
-        print(f"  {'onnxruntime in-process':<28} {sample.rps:>10.0f} calls/s", flush=True)
-        order = TARGETS[round_ % len(TARGETS):] + TARGETS[:round_ % len(TARGETS)]
+        print(f"  {'onnxruntime in-process':<34} {sample.rps:>10.0f} calls/s", flush=True)
+        shift = round_ % len(targets)
         for concurrency in args.concurrency:
-            for target in order:
-                sample = generate(urls[target.server] + target.path, target.body, concurrency, args.duration)
+            for target in targets[shift:] + targets[:shift]:
+                running = servers[target.server]
+                sample = generate(running.url + target.path, target.body, running.headers, concurrency, args.duration)
                 samples.setdefault(key(target.name, concurrency), []).append(sample)
-                print(f"  {target.title:<28} c{concurrency:<3} {sample.rps:>8.0f} req/s  "
+                print(f"  {target.title:<34} c{concurrency:<3} {sample.rps:>8.0f} req/s  "
                       f"p50 {sample.p50_ms:.2f} ms  p99 {sample.p99_ms:.2f} ms"
                       + (f"  {sample.errors} errors" if sample.errors else ""), flush=True)
     return samples
@@ -58,6 +60,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=_int_list, default=[1, 16],
                         help="comma-separated connection counts (default 1,16)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up seconds per route (default 1)")
+    parser.add_argument("--skip", type=_servers, default=set(),
+                        help=f"comma-separated servers to leave out, of {', '.join(SERVERS)}")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/6",
+                        help="Redis for our servers (the keyed one counts its rate there; nothing is flushed)")
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto",
                         help="load generator: wrk, the Python one, or (default) wrk above one connection and the "
                              "Python one at one (it times by the monotonic clock)")
@@ -77,9 +83,30 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _servers(text: str) -> set[str]:
+    names = {v.strip() for v in text.split(",") if v.strip()}
+    if names - set(SERVERS):
+        raise argparse.ArgumentTypeError(f"unknown servers {sorted(names - set(SERVERS))}; known: {', '.join(SERVERS)}")
+    return names
+
+
+def print_figures(args: argparse.Namespace, generator: str, document: dict, targets: tuple[Target, ...],
+                  comparisons: tuple[Comparison, ...]) -> None:
+    """The points' table, the comparisons' table with their verdicts, and both again in Markdown."""
+    points = report.rows(document["summary"], document["floor_p50_above_ms"], targets, args.concurrency)
+    ratios = report.ratio_rows(document["ratios"], comparisons, args.concurrency)
+    print(f"\nmedians of {args.rounds} rounds x {args.duration} s, generator {generator}\n")
+    print(report.text_table(points, report.POINT_HEADER) + "\n")
+    print(report.text_table(ratios, report.RATIO_HEADER) + "\n")
+    print("\n".join(report.warnings(document["summary"])))
+    print(report.markdown_table(points, report.POINT_HEADER) + "\n")
+    print(report.markdown_table(ratios, report.RATIO_HEADER) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, print the tables and write the JSON results."""
     args = parse_args(argv)
+    targets, comparisons = chosen(args.skip)
     when = datetime.datetime.now().astimezone()
     inprocess = InProcess()
     with tempfile.TemporaryDirectory(prefix="bench-http-") as scratch:
@@ -87,27 +114,22 @@ def main(argv: list[str] | None = None) -> None:
         print(f"generator: {generator}; {args.rounds} rounds x {args.duration} s per point; "
               f"concurrency {args.concurrency}; {os.cpu_count()} cores, "
               f"load average {os.getloadavg()[0]:.2f}", flush=True)
-        with running_servers(Path(scratch)) as urls:
-            check_answers(urls, inprocess.probabilities())
-            samples = measure(args, generate, urls, inprocess)
+        names = list(dict.fromkeys(t.server for t in targets))
+        with running_servers(names, targets, Path(scratch), args.redis_url) as servers:
+            check_answers(servers, targets, inprocess.probabilities())
+            samples = measure(args, generate, servers, targets, inprocess)
     summary = figures.medians(samples)
-    found = figures.ratios(samples, args.concurrency)
-    overhead = figures.overheads(summary)
-    gaps = figures.above_floor(samples, args.concurrency)
-    shares = figures.floor_shares(samples, args.concurrency)
-    table = report.rows(summary, found, gaps, args.concurrency)
-    print(f"\nmedians of {args.rounds} rounds x {args.duration} s, generator {generator}\n")
-    print(report.text_table(table) + "\n")
-    print("\n".join(report.verdicts(found, overhead) + report.warnings(summary)) + "\n")
-    print("\n".join(report.floor_lines(summary, gaps, shares, args.concurrency)) + "\n")
-    print(report.markdown_table(table) + "\n")
     document = {
-        "date": when.isoformat(timespec="seconds"), "settings": {**vars(args), "workers": WORKERS},
-        "environment": report.environment(generator),
-        "summary": summary, "ratios": found, "overhead": overhead,
-        "floor": {"p50_above_ms": gaps, "share_of_baseline_p50": shares},
+        "date": when.isoformat(timespec="seconds"),
+        "settings": {**vars(args), "skip": sorted(args.skip), "workers": WORKERS, "old_build": OLD_BUILD,
+                     "mlserver": list(mlserver.PINS)},
+        "environment": report.environment(generator), "summary": summary,
+        "ratios": figures.ratios(samples, comparisons, args.concurrency),
+        "overhead": figures.overheads(summary),
+        "floor_p50_above_ms": figures.above_floor(samples, targets, args.concurrency),
         "samples": {name: [asdict(s) for s in runs] for name, runs in samples.items()},
     }
+    print_figures(args, generator, document, targets, comparisons)
     print(f"results written to {report.save(document, when).relative_to(ROOT)}")
 
 

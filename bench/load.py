@@ -17,11 +17,13 @@ from urllib.parse import urlsplit
 
 from bench.sample import Sample, summarise
 
-Generator = Callable[[str, bytes, int, int], Sample]
-"""Send single-row requests: (url, body, connections, whole seconds) -> the measured sample."""
+Generator = Callable[[str, bytes, dict[str, str], int, int], Sample]
+"""Send single-row requests: (url, body, extra headers, connections, whole seconds) -> the measured sample."""
 WRK_SCRIPT = """wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.body = {body}
+"""
+WRK_HEADER = """wrk.headers[{name}] = {value}
 """
 UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4}
 INSTALL_WRK = "run `sudo apt-get install wrk` on Debian or Ubuntu"
@@ -51,8 +53,8 @@ def pick_generator(args: argparse.Namespace, script_dir: Path) -> tuple[Generato
 def _by_concurrency(one: Generator, more: Generator) -> Generator:
     """`one` for one connection, `more` for more."""
 
-    def run(url: str, body: bytes, concurrency: int, duration_s: int) -> Sample:
-        return (one if concurrency == 1 else more)(url, body, concurrency, duration_s)
+    def run(url: str, body: bytes, headers: dict[str, str], concurrency: int, duration_s: int) -> Sample:
+        return (one if concurrency == 1 else more)(url, body, headers, concurrency, duration_s)
 
     return run
 
@@ -74,9 +76,10 @@ def ensure_wrk(may_install: bool) -> str | None:
 def wrk_generator(wrk: str, script_dir: Path, threads: int) -> Generator:
     """A load generator running `wrk --latency` with a Lua script that POSTs the body."""
 
-    def run(url: str, body: bytes, concurrency: int, duration_s: int) -> Sample:
-        script = script_dir / f"post-{abs(hash(body))}.lua"
-        script.write_text(WRK_SCRIPT.format(body=json.dumps(body.decode())))
+    def run(url: str, body: bytes, headers: dict[str, str], concurrency: int, duration_s: int) -> Sample:
+        script = script_dir / f"post-{abs(hash((body, *headers.items())))}.lua"
+        script.write_text(WRK_SCRIPT.format(body=json.dumps(body.decode())) + "".join(
+            WRK_HEADER.format(name=json.dumps(name), value=json.dumps(value)) for name, value in headers.items()))
         argv = [wrk, "--latency", "-t", str(min(threads, concurrency)), "-c", str(concurrency),
                 "-d", f"{duration_s:g}s", "--timeout", "10s", "-s", str(script), url]
         done = subprocess.run(argv, capture_output=True, text=True)
@@ -139,12 +142,13 @@ class _Connection:
         return int(head.split(" ", 2)[1])
 
 
-def python_generator(url: str, body: bytes, concurrency: int, duration_s: int) -> Sample:
+def python_generator(url: str, body: bytes, headers: dict[str, str], concurrency: int, duration_s: int) -> Sample:
     """A load generator in pure Python: one thread, non-blocking sockets, `concurrency` connections (one
     blocking connection for one), timed by the monotonic clock."""
     parts = urlsplit(url)
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
     request = (f"POST {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: application/json\r\n"
-               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+               f"{extra}Content-Length: {len(body)}\r\n\r\n").encode() + body
     if concurrency == 1:
         return _one_connection((parts.hostname, parts.port), request, duration_s)
     connections = [_Connection((parts.hostname, parts.port), request) for _ in range(concurrency)]

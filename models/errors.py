@@ -25,6 +25,10 @@ class InputTooLarge(ModelError):
     """An input (an image, a tensor) exceeds a configured limit."""
 
 
+class ModelFailed(ModelError):
+    """The model or its preprocessing failed on inputs that passed validation: the server's fault, not the client's."""
+
+
 class SpecError(ModelError):
     """A model's spec or artefact is broken; the message names the file and the field."""
 

@@ -24,6 +24,10 @@ CHANNELS = {"L": 1, "RGB": 3}
 Step = Callable[[Image.Image], Image.Image]
 
 
+FORMATS = ("PNG", "JPEG")
+"""The encoded formats an image input takes unless its spec names others."""
+
+
 @dataclass(frozen=True)
 class ImagePipeline:
     """Decode, orient, convert, resize and normalise images as one model input expects."""
@@ -35,6 +39,7 @@ class ImagePipeline:
     mean: np.ndarray
     std: np.ndarray
     layout: str
+    formats: tuple[str, ...] = FORMATS
 
     @property
     def item_shape(self) -> tuple[int, ...]:
@@ -43,14 +48,36 @@ class ImagePipeline:
         c = CHANNELS[self.mode]
         return (c, h, w) if self.layout == "NCHW" else (h, w, c)
 
-    def tensor(self, data: bytes, max_pixels: int) -> np.ndarray:
-        """Turn one encoded image into a float32 array of `item_shape`."""
-        image = decode(data, max_pixels)
-        for step in self.steps:
-            image = step(image)
-        array = np.asarray(image, dtype=np.float32).reshape(self.size[1], self.size[0], -1)
+    def open(self, data: bytes, max_pixels: int) -> Image.Image:
+        """Read one encoded image's header: one of `formats`, of at most `max_pixels`; no pixel is decoded yet."""
+        return open_image(data, self.formats, max_pixels)
+
+    def tensor(self, image: Image.Image) -> np.ndarray:
+        """Decode an opened image into a float32 array of `item_shape`, then free its pixels."""
+        try:
+            decoded = load(image)
+            for step in self.steps:
+                decoded = step(decoded)
+            array = np.asarray(decoded, dtype=np.float32).reshape(self.size[1], self.size[0], -1)
+        finally:
+            image.close()
         array = (array * self.scale - self.mean) / self.std
         return array.transpose(2, 0, 1) if self.layout == "NCHW" else array
+
+
+class PixelBudget:
+    """The pixels the images of one request, job or batch chunk may have together, spent from their headers."""
+
+    def __init__(self, pixels: int, scope: str):
+        self.total, self.left, self.scope = pixels, pixels, scope
+
+    def spend(self, pixels: int) -> None:
+        """Take `pixels` from what is left, or raise InputTooLarge (taking nothing) when they do not fit."""
+        if pixels > self.left:
+            left = "" if self.left == self.total else f" ({self.left} left)"
+            raise InputTooLarge(f"the images have {pixels} pixels, over the limit of {self.total} pixels "
+                                f"per {self.scope}{left}; nothing was decoded")
+        self.left -= pixels
 
 
 def identify(data: bytes) -> str:
@@ -62,25 +89,47 @@ def identify(data: bytes) -> str:
         raise InvalidInput("not an image in a format that can be decoded") from None
 
 
-def decode(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode any format Pillow reads, refusing oversized images before their pixels are read."""
+def open_image(data: bytes, formats: tuple[str, ...], max_pixels: int) -> Image.Image:
+    """Read an image's header, in one of `formats`, refusing one over `max_pixels` before its pixels are read."""
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=formats)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's own guard trips before ours for huge images (its warning where warnings are errors)
         raise InputTooLarge(f"image is too large to decode ({exc})") from None
     except UnidentifiedImageError:
-        raise InvalidInput("not an image in a format that can be decoded") from None
+        raise InvalidInput(f"not a {_names(formats)} image (the formats this input takes)") from None
     except Exception as exc:
+        if server_fault(exc):
+            raise
         raise InvalidInput(f"not a decodable image ({exc})") from None
     width, height = image.size
     if width * height > max_pixels:
         raise InputTooLarge(f"image is {width}x{height} pixels, over the limit of {max_pixels} pixels")
+    return image
+
+
+def load(image: Image.Image) -> Image.Image:
+    """Decode an opened image's pixels, oriented by its EXIF tag; InvalidInput if they are corrupt or cut short."""
     try:
         image.load()
         return ImageOps.exif_transpose(image)
     except Exception as exc:
+        if server_fault(exc):
+            raise
         raise InvalidInput(f"image could not be decoded ({exc})") from None
+
+
+def server_fault(exc: BaseException) -> bool:
+    """Whether a failure while reading an image is the server's: memory ran out, or the system refused something.
+
+    Pillow reports what is wrong with the bytes themselves (cut short, corrupt, unknown) as OSError without an
+    errno, or as SyntaxError, ValueError, EOFError and the like: those are the client's.
+    """
+    return isinstance(exc, MemoryError) or (isinstance(exc, OSError) and exc.errno is not None)
+
+
+def _names(formats: tuple[str, ...]) -> str:
+    return formats[0] if len(formats) == 1 else f"{', '.join(formats[:-1])} or {formats[-1]}"
 
 
 def parse(tables: list[Fields]) -> ImagePipeline:
@@ -108,6 +157,7 @@ class _Geometry:
         self.mode: str | None = None
         self.size: tuple[int, int] | None = None
         self.scale, self.mean, self.std, self.layout = 1.0, [0.0], [1.0], "NHWC"
+        self.formats = FORMATS
         self.tensor_steps: set[str] = set()
 
     def tensor_step(self, name: str, table: Fields) -> None:
@@ -133,7 +183,7 @@ class _Geometry:
                 raise last.fail(name, f"has {len(values)} values for {channels} channel(s)")
         return ImagePipeline(
             steps, self.mode, self.size, self.scale,
-            np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32), self.layout,
+            np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32), self.layout, self.formats,
         )
 
 
@@ -155,8 +205,24 @@ def _size(table: Fields, key: str) -> tuple[int, int]:
     return pair[0], pair[1]
 
 
+def _formats(table: Fields) -> tuple[str, ...]:
+    """The `formats` the pipeline decodes: Pillow's names, PNG and JPEG when none are given."""
+    formats = tuple(dict.fromkeys(table.each("formats", _format)))
+    if "formats" in table.table and not formats:
+        raise table.fail("formats", "must name at least one format")
+    return formats or FORMATS
+
+
+def _format(value: object) -> str:
+    Image.init()  # registers every format Pillow reads (once)
+    if not isinstance(value, str) or value.upper() not in Image.OPEN:
+        raise ValueError(f"{value!r} is not a format Pillow reads; one of {', '.join(sorted(Image.OPEN))}")
+    return value.upper()
+
+
 def _convert(table: Fields, state: _Geometry) -> Step:
     mode = state.mode = table.choice("mode", list(CHANNELS))
+    state.formats = _formats(table)
 
     def convert(image: Image.Image) -> Image.Image:
         # Pillow decodes images it cannot convert: LAB ones, palettes shorter than their transparency

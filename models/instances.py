@@ -16,6 +16,7 @@ import orjson
 from models.dtype import BYTES
 from models.errors import InvalidInput
 from models.registry import ModelVersion
+from models.spec import ModelSpec
 from models.tensor import TensorSpec, from_values
 
 SIGNATURES = ("", "serving_default")
@@ -33,13 +34,22 @@ def parse(body: dict[str, Any], version: ModelVersion) -> tuple[dict[str, np.nda
     if ("instances" in body) == ("inputs" in body):
         raise InvalidInput("a predict request has exactly one of 'instances' (row format) or 'inputs' (columnar)")
     if "instances" in body:
-        return _rows(body["instances"], version.spec.inputs), True
-    return _columns(body["inputs"], version.spec.inputs), False
+        return _rows(body["instances"], version.spec), True
+    return _columns(body["inputs"], version.spec), False
 
 
-def _rows(instances: object, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
+def _check_count(values: object, model: ModelSpec, where: str) -> None:
+    """Refuse more rows than the model takes before any of them is read."""
+    if isinstance(values, list) and len(values) > model.options.max_instances:
+        raise InvalidInput(f"{where}: {len(values)} rows in one request; model {model.name!r} takes at most "
+                           f"{model.options.max_instances}")
+
+
+def _rows(instances: object, model: ModelSpec) -> dict[str, np.ndarray]:
     if not isinstance(instances, list) or not instances:
         raise InvalidInput("'instances' must be a non-empty list")
+    _check_count(instances, model, "instances")
+    specs = model.inputs
     names = [t.name for t in specs]
     if len(specs) == 1 and not _named(instances[0], names):
         return {specs[0].name: _array(instances, specs[0], "instances")}
@@ -62,16 +72,20 @@ def _named(instance: object, names: list[str]) -> bool:
     return isinstance(instance, dict) and (set(instance) != {"b64"} or "b64" in names)
 
 
-def _columns(inputs: object, specs: tuple[TensorSpec, ...]) -> dict[str, np.ndarray]:
+def _columns(inputs: object, model: ModelSpec) -> dict[str, np.ndarray]:
+    specs = model.inputs
     names = [t.name for t in specs]
     if not isinstance(inputs, dict) or (len(specs) == 1 and not _named(inputs, names)):
         if len(specs) != 1:
             raise InvalidInput(f"'inputs' must be an object of {names}")
+        _check_count(inputs, model, "inputs")
         return {specs[0].name: _array(inputs, specs[0], "inputs")}
-    by_name = {t.name: t for t in specs}
     unknown = set(inputs) - set(names)
     if unknown:
         raise InvalidInput(f"inputs: unknown input {sorted(unknown)[0]!r}; inputs are {names}")
+    for name, value in inputs.items():
+        _check_count(value, model, f"inputs[{name!r}]")
+    by_name = model.inputs_by_name
     return {name: _array(value, by_name[name], f"inputs[{name!r}]") for name, value in inputs.items()}
 
 

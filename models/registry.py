@@ -17,7 +17,7 @@ from typing import Any
 from models import ensemble as ensemble_spec
 from models import pipeline as pipeline_spec
 from models import spec as specs
-from models.config import Settings
+from models.config import Limits, Settings
 from models.ensemble import EnsembleSpec
 from models.errors import ModelNotFound, ModelNotReady, SpecError, VersionNotFound
 from models.pipeline import PipelineSpec
@@ -35,7 +35,7 @@ class ModelVersion:
     number: int
     session: Session
     stamp: tuple[int, int, int]
-    max_image_pixels: int
+    limits: Limits
 
     @property
     def name(self) -> str:
@@ -244,7 +244,7 @@ class Registry:
         if previous is not None and previous.spec is spec and previous.stamp == stamp:
             return previous
         session = Session(spec, artefact, self.settings.intra_op_threads)
-        return ModelVersion(spec, number, session, stamp, self.settings.max_image_pixels)
+        return ModelVersion(spec, number, session, stamp, self.settings.limits)
 
 
 def _check_pipeline(spec: PipelineSpec, models: dict[str, ModelSpec]) -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from models.errors import InvalidInput, ModelNotReady, SpecError
+from models.errors import ModelFailed, ModelNotReady, SpecError
 from models.spec import ModelSpec
 from models.tensor import TensorSpec
 
@@ -27,8 +26,7 @@ class Session:
     def __init__(self, spec: ModelSpec, path: Path, intra_op_threads: int):
         self.spec, self.path = spec, path
         self.intra_op_threads = spec.options.intra_op_threads or intra_op_threads
-        self._session: ort.InferenceSession | None = None
-        self._run: Callable | None = None
+        self._ort: ort.InferenceSession | None = None
         self._run_options: ort.RunOptions | None = None
         self._error: str | None = None
         self._lock = threading.Lock()
@@ -42,40 +40,37 @@ class Session:
     @property
     def loaded(self) -> bool:
         """Whether the session exists in this process."""
-        return self._session is not None
+        return self._ort is not None
 
     def load(self) -> ort.InferenceSession:
         """Create the session if needed; raise ModelNotReady if the artefact is broken."""
-        session = self._session
+        session = self._ort
         if session is not None:
             return session
         with self._lock:
-            if self._session is None and self._error is None:
+            if self._ort is None and self._error is None:
                 try:
                     session = self._create()
-                    self._run, self._run_options = _direct_run(session)
-                    self._session = session
+                    self._run_options = _run_options()
+                    self._ort = session
                 except SpecError as exc:
                     self._error = str(exc)
                 except Exception as exc:  # onnxruntime raises its own exception types
                     self._error = str(SpecError(self.path, "", f"cannot be loaded ({exc})"))
                 if self._error:
                     log.error("model %s: %s", self.spec.name, self._error)
-            if self._session is None:
+            if self._ort is None:
                 raise ModelNotReady(f"model {self.spec.name!r} cannot serve: {self._error}")
-            return self._session
+            return self._ort
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the graph on checked inputs; a runtime refusal is the client's input error."""
-        run = self._run
-        if run is None:
-            self.load()
-            run = self._run
+        """Run the graph on inputs checked against the spec; a failure is the server's (ModelFailed), logged."""
+        session = self._ort or self.load()
         try:
-            results = run(self._output_names, feeds, self._run_options)
-        except Exception as exc:
-            log.warning("model %s rejected an input: %s", self.spec.name, exc)
-            raise InvalidInput(f"the model rejected the input: {_short(exc)}") from None
+            results = session.run(self._output_names, feeds, self._run_options)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            log.error("model %s: the runtime failed on checked inputs: %s", self.spec.name, exc)
+            raise ModelFailed(f"model {self.spec.name!r} failed while running: {_short(exc)}") from None
         return dict(zip(self._output_names, results, strict=True))
 
     def _create(self) -> ort.InferenceSession:
@@ -94,20 +89,11 @@ class Session:
         return session
 
 
-def _direct_run(session: ort.InferenceSession) -> tuple[Callable, ort.RunOptions]:
-    """The session's run, without the Python wrapper's per-call checks, and the one RunOptions it shares.
-
-    `InferenceSession.run` first checks that every required input is fed and that OrtValue inputs belong
-    to the session's device, and retries on a GPU provider's failure. Our feeds are numpy arrays of every
-    input the spec declares, and the spec was matched against the artefact when the session was made, so
-    those checks never fail here; on a one-row request they are a tenth of the call. The binding's own
-    `run` takes the same arguments; a binding without it gets the public method.
-    """
+def _run_options() -> ort.RunOptions:
+    """The RunOptions every call of a session shares (made once: each costs an allocation)."""
     import onnxruntime as ort
 
-    binding = getattr(session, "_sess", None)
-    run = getattr(binding, "run", None)
-    return (run if callable(run) else session.run), ort.RunOptions()
+    return ort.RunOptions()
 
 
 def _match(path: Path, kind: str, declared: tuple[TensorSpec, ...], actual: list) -> None:

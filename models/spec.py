@@ -92,6 +92,17 @@ class ModelSpec:
         """Outputs the ONNX graph produces (the rest are derived after it runs)."""
         return tuple(o for o in self.outputs if o.derive is None)
 
+    @functools.cached_property
+    def max_request_values(self) -> int | None:
+        """Most JSON values (numbers, strings, lists) a request body for this model can need, with room for the
+        protocols' own fields; None when an input's rows have no fixed size, or hold text (whose commas count)."""
+        per_row = 0
+        for t in self.inputs:
+            if -1 in t.shape[1:] or (t.dtype.is_bytes and t.image is None):
+                return None
+            per_row += math.prod(t.shape[1:]) + 2
+        return self.options.max_instances * per_row + 64 * (len(self.inputs) + len(self.outputs)) + 1024
+
     @property
     def takes_images(self) -> bool:
         """Whether some input accepts encoded images."""

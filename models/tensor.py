@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import struct
 import sys
 from collections.abc import Mapping
@@ -45,6 +46,50 @@ class TensorSpec:
         return "[" + ", ".join(str(d) for d in self.shape) + "]"
 
 
+ENCODED_SHAPES = ((-1,), (-1, 1))
+"""The shapes a list of encoded images may take: one per row, as a vector or a column."""
+
+
+def elements(shape: object, spec: TensorSpec, encoded: bool, limit: int, where: str) -> int:
+    """The element count of a shape a client declares, checked against `spec` before any product or allocation.
+
+    Each check costs O(rank of the declaration): the rank first, then the dimensions (non-negative integers,
+    the fixed ones as declared; `encoded` images are a vector or a column), then the product, which may not pass
+    `limit`. Raises InvalidInput saying which.
+    """
+    if not isinstance(shape, list):
+        raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers")
+    declared = ENCODED_SHAPES if encoded else (spec.shape,)
+    if not any(len(shape) == len(d) for d in declared):  # before anything walks a shape of any length
+        raise _mismatch(shape, declared, where)
+    if not all(type(d) is int and d >= 0 for d in shape):
+        raise InvalidInput(f"{where}: 'shape' must be a list of non-negative integers")
+    if not any(_fits(shape, d) for d in declared):
+        raise _mismatch(shape, declared, where)
+    return _product(shape, limit, where)
+
+
+def _fits(shape: list[int], declared: tuple[int, ...]) -> bool:
+    return len(shape) == len(declared) and all(d in (-1, s) for s, d in zip(shape, declared, strict=True))
+
+
+def _mismatch(shape: list, declared: tuple[tuple[int, ...], ...], where: str) -> InvalidInput:
+    found = shape if len(shape) <= 8 else f"a shape of {len(shape)} dimensions"
+    return InvalidInput(f"{where}: expected shape {' or '.join(_text(d) for d in declared)}, got {found}")
+
+
+def _product(shape: list[int], limit: int, where: str) -> int:
+    """The product of the dimensions, none of which (nor the product) may pass `limit`."""
+    count = math.prod(shape) if all(size <= limit for size in shape) else limit + 1
+    if count > limit:
+        raise InvalidInput(f"{where}: shape {shape} announces more elements than the request can carry ({limit})")
+    return count
+
+
+def _text(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
 def from_values(values: object, dtype: DType, where: str) -> np.ndarray:
     """Convert (nested) JSON numbers or strings to an array of `dtype`, refusing lossy conversions."""
     if dtype.is_bytes:
@@ -79,6 +124,8 @@ def check(array: np.ndarray, spec: TensorSpec, where: str) -> None:
     shape = array.shape
     if len(shape) != len(spec.shape) or any(shape[axis] != size for axis, size in spec.fixed_axes):
         raise InvalidInput(f"{where}: expected shape {spec.shape_text()}, got {list(shape)}")
+    if 0 in shape:
+        raise InvalidInput(f"{where}: shape {list(shape)} holds no elements")
     if spec.dtype.is_float and not spec.allow_nonfinite and not np.isfinite(array).all():
         raise InvalidInput(f"{where}: NaN or infinite values (or values out of the {spec.dtype.name} range)")
 

@@ -5,6 +5,11 @@ items, predicts them with one runtime call per model version, and writes them ba
 retried after losing its worker takes back, under its own claim token, what its lost attempt held.
 `batch_scheduled` is what beat fires for `BATCH_SCHEDULE`; `batch_reconcile`, also fired by beat, puts back
 items whose lease ran out and restarts stalled runs, which covers killed workers and lost messages.
+
+The SQL store going away costs no item a try: a task it stops is retried with a growing wait, and a chunk
+so retried takes back what it held without counting a try; the reconciler renews, rather than expires,
+the leases of runs it could not look at for two of its periods, since their holders were stopped too.
+`purge_expired`, fired by beat every `PURGE_INTERVAL_S`, deletes what is past its retention.
 """
 
 from __future__ import annotations
@@ -19,17 +24,16 @@ from celery import Celery, Task, shared_task
 
 import models
 from models.batch import predict_json
-from tasks import schedule
+from tasks import outage, retention, schedule
 from tasks.config import TaskSettings
 from tasks.db import now
-from tasks.items import RUNNING, Claimed
-from tasks.resources import items, registry, runs
+from tasks.items import RUNNING, Claimed, Span
+from tasks.resources import engine, items, registry, runs
 from tasks.runs import Run, RunRefused
 
 log = logging.getLogger(__name__)
 RETRIED: dict[str, Any] = {
-    "bind": True, "acks_late": True, "max_retries": 3, "default_retry_delay": 1,
-    "autoretry_for": (sa.exc.OperationalError,), "retry_backoff": True, "retry_backoff_max": 30,  # a database blip
+    "bind": True, "acks_late": True, "max_retries": 3, "default_retry_delay": 1,  # retries after a lost worker
     "ignore_result": True,  # the SQL store holds every outcome; Flower shows the summary from the task's events
 }
 
@@ -37,7 +41,10 @@ RETRIED: dict[str, Any] = {
 @shared_task(name="batch_run", **RETRIED)
 def batch_run(self: Task, run_id: int) -> dict[str, Any]:
     """Start a queued run: fix its scope and total, then queue its chunks."""
-    return start(self.app, run_id)
+    try:
+        return start(self.app, run_id)
+    except sa.exc.DBAPIError as exc:
+        outage.retry(self, exc)
 
 
 @shared_task(name="batch_scheduled", bind=True, ignore_result=True)
@@ -52,17 +59,26 @@ def batch_scheduled(self: Task, model: str, when: str) -> dict[str, Any]:
 
 
 @shared_task(name="batch_chunk", **RETRIED)
-def batch_chunk(self: Task, run_id: int, first: int, last: int) -> dict[str, Any]:
+def batch_chunk(self: Task, run_id: int, first: int, last: int, resumes: int = 0) -> dict[str, Any]:
     """Claim a run's queued items with ids from `first` to `last`, predict them, write the outcomes back;
-    finish the run if it is done."""
+    finish the run if it is done. `resumes` numbers the retry that follows a store outage."""
+    try:
+        return chunk(self, run_id, (first, last), lost=self.request.retries != resumes)
+    except sa.exc.DBAPIError as exc:
+        outage.retry(self, exc, resumes=self.request.retries + 1)
+
+
+def chunk(task: Task, run_id: int, ids: Span, lost: bool) -> dict[str, Any]:
+    """Do a chunk task's work; a retry takes back what the task held before, counting a try if the attempt
+    was `lost` with its worker rather than stopped by the store."""
     run, store = runs().get(run_id), items()
     if run.status != RUNNING:
         return {"run_id": run_id, "rows": 0, "skipped": f"run is {run.status}"}
-    span = (first, min(last, run.high_water or 0))
-    held = store.reclaim(run.model, span, self.request.id) if self.request.retries else []
-    claimed = held + store.claim(run.id, run.model, span, self.request.id, chunk_rows() - len(held))
+    span, token = (ids[0], min(ids[1], run.high_water or 0)), task.request.id
+    held = store.reclaim(run.model, span, token, count=lost) if task.request.retries else []
+    claimed = held + store.claim(run.id, run.model, span, token, chunk_rows() - len(held))
     predictions, errors = _predict(run.model, claimed)
-    progress = store.finish(run.id, self.request.id, predictions, errors)
+    progress = store.finish(run.id, token, predictions, errors)
     if progress.complete or not claimed:
         runs().finish_if_done(run.id)
     return {"run_id": run_id, "rows": len(claimed), "succeeded": len(predictions), "failed": len(errors),
@@ -73,25 +89,48 @@ def batch_chunk(self: Task, run_id: int, first: int, last: int) -> dict[str, Any
 def batch_reconcile(self: Task) -> dict[str, int]:
     """Put back items held past their lease; restart runs whose start or chunks were lost; finish runs
     that are done."""
+    return outage.skipped("batch reconcile", lambda: reconcile(self.app, TaskSettings.from_env()))
+
+
+@shared_task(name="purge_expired", bind=True, ignore_result=True)
+def purge_expired(self: Task) -> dict[str, int]:
+    """Delete finished batch items and runs, and stored inputs, past their retention."""
+    settings = TaskSettings.from_env()
+    purged = outage.skipped("purge", lambda: retention.purge(
+        engine(), settings.batch_retention_days, settings.data_retention_days, settings.task_time_limit_s / 2))
+    log.info("purged rows past their retention: %s", purged)
+    return purged
+
+
+def reconcile(app: Celery, settings: TaskSettings) -> dict[str, int]:
+    """Renew or expire lapsed leases, restart stalled runs, finish runs that are done."""
     live = runs().live()
-    back = items().expire_leases([run.model for run in live])
-    lease = datetime.timedelta(seconds=TaskSettings.from_env().batch_item_lease_s)
+    away = {run.model for run in live if run.unwatched(datetime.timedelta(seconds=2 * settings.batch_reconcile_s))}
+    renewed = items().renew_leases(sorted(away))
+    back = items().expire_leases([run.model for run in live if run.model not in away])
+    lease = datetime.timedelta(seconds=settings.batch_item_lease_s)
     sent = finished = 0
     for run in live:
-        stale = (run.updated_at or run.created_at) < now() - lease
-        if run.status != RUNNING:
-            if stale:
-                self.app.tasks["batch_run"].apply_async(args=[run.id], queue="batch")
-                sent += 1
-            continue
         if runs().finish_if_done(run.id):
             finished += 1
-        elif run.id in back or stale:  # lost rows or lost messages: chunks for whatever is still queued
-            sent += fan_out(self.app, run)
-            runs().touch(run.id)
-    if back or sent:
-        log.warning("reconciled batch runs: %d items back in line, %d tasks sent", sum(back.values()), sent)
-    return {"items put back": sum(back.values()), "tasks sent": sent, "runs finished": finished}
+        elif run.id in back or (run.updated_at or run.created_at) < now() - lease:
+            sent += restart(app, run)
+    runs().reconciled([run.id for run in live])
+    if renewed or back or sent:
+        log.warning("reconciled batch runs: %d leases renewed, %d items back in line, %d tasks sent",
+                    renewed, sum(back.values()), sent)
+    return {"leases renewed": renewed, "items put back": sum(back.values()), "tasks sent": sent,
+            "runs finished": finished}
+
+
+def restart(app: Celery, run: Run) -> int:
+    """Send a stalled run's start again if it is queued, else chunks for whatever it still has queued;
+    answer how many tasks went."""
+    if run.status != RUNNING:
+        app.tasks["batch_run"].apply_async(args=[run.id], queue="batch")
+        return 1
+    runs().touch(run.id)
+    return fan_out(app, run)
 
 
 def start(app: Celery, run_id: int) -> dict[str, Any]:
@@ -135,7 +174,8 @@ def _predict(model: str, claimed: list[Claimed]) -> tuple[dict[int, str], dict[i
     errors: dict[int, str] = {}
     for number, group in by_version.items():
         try:
-            outcomes = predict_json(registry().get(model, number), [item.input for item in group])
+            found = registry().get(model, number)
+            outcomes = predict_json(found, [item.input for item in group], found.limits.batch_chunk_pixels)
         except models.ModelError as exc:
             outcomes = [(False, str(exc))] * len(group)
         for item, (ok, text) in zip(group, outcomes, strict=True):

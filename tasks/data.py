@@ -20,8 +20,9 @@ import sqlalchemy as sa
 
 import models
 from models import instances
+from models.image import PixelBudget
 from models.tensor import pack, unpack
-from tasks.cache import Breaker
+from tasks.breaker import Breaker
 from tasks.db import data, iso, now
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,8 @@ class DataStore:
         keys = [self._key(version, _checked(i)) for i in ids]
         cached = self.breaker.call(lambda: self.client.mget(keys)) or [None] * len(ids)
         missing = sorted({i for i, value in zip(ids, cached, strict=True) if value is None})
-        made = {i: _prepare(version, i, raw) for i, raw in self._raw(missing).items()} if missing else {}
+        pixels = PixelBudget(version.limits.request_pixels, "request")  # shared: one request decodes them all
+        made = {i: _prepare(version, i, raw, pixels) for i, raw in self._raw(missing).items()} if missing else {}
         if made:
             self.breaker.call(lambda: self._store(version, made))
         return [unpack(v) if v is not None else made[i] for i, v in zip(ids, cached, strict=True)], len(made)
@@ -115,9 +117,10 @@ class DataStore:
         return f"data:{version.key}:{data_id}"
 
 
-def _prepare(version: models.ModelVersion, data_id: str, raw: tuple[str, bytes]) -> dict[str, np.ndarray]:
+def _prepare(version: models.ModelVersion, data_id: str, raw: tuple[str, bytes],
+             pixels: PixelBudget) -> dict[str, np.ndarray]:
     try:
-        return models.prepare(version, instances.from_stored(version, *raw))
+        return models.prepare(version, instances.from_stored(version, *raw), pixels=pixels)
     except (models.InvalidInput, models.InputTooLarge) as exc:
         raise type(exc)(f"stored input {data_id}: {exc}") from None
 

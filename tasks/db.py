@@ -14,6 +14,8 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
+from tasks.config import TaskSettings
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 MYSQL = ("mysql", "mariadb")
 
@@ -48,10 +50,12 @@ items = sa.Table(
     sa.Column("started_at", Time),
     sa.Column("finished_at", Time),
     sa.Index(None, "model", "status", "id"),
+    sa.Index(None, "created_at"),
 )
-"""One row per item to predict; `claim` and `leased_until` hold it while a chunk task runs it. Its one
+"""One row per item to predict; `claim` and `leased_until` hold it while a chunk task runs it. One
 secondary index serves every query the runs make (claims, counts, leases: a model has one run at a time);
-each more index would cost every claim and write-back a second index update."""
+each more index on a column they change would cost every claim and write-back a second index update. The
+other, on `created_at`, which never changes, finds the oldest rows for the retention purge."""
 
 runs = sa.Table(
     "batch_runs", metadata,
@@ -70,11 +74,13 @@ runs = sa.Table(
     sa.Column("started_at", Time),
     sa.Column("updated_at", Time),
     sa.Column("finished_at", Time),
+    sa.Column("reconciled_at", Time),
     sa.UniqueConstraint("model", "period"),
     sa.Index(None, "model", "id"),
 )
 """One row per run. `active` holds the model's name while the run is queued or running, and is unique,
-so a model never has two runs at once; (`model`, `period`) is unique, so a schedule fires once a period."""
+so a model never has two runs at once; (`model`, `period`) is unique, so a schedule fires once a period.
+`reconciled_at` is when beat's reconciler last looked at the run while it was live."""
 
 
 data = sa.Table(
@@ -85,17 +91,39 @@ data = sa.Table(
     sa.Column("content_type", sa.String(100), nullable=False),
     sa.Column("size", sa.Integer, nullable=False),
     sa.Column("created_at", Time, nullable=False),
+    sa.Index(None, "created_at"),
 )
 """Raw inputs of the data-cache pattern, by random id: an encoded image, or the JSON of one instance."""
 
+api_keys = sa.Table(
+    "api_keys", metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("token_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("scopes", sa.String(100), nullable=False),
+    sa.Column("rate_limit", sa.String(64)),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("revoked_at", Time),
+)
+"""API keys of the web API: the SHA-256 of each token's secret (never the token), its space-separated
+scopes, and its rate (`limits` notation; NULL: the server's default). A token names its row's id."""
 
-def create_engine(url: str) -> sa.Engine:
-    """An engine for `url`: read-committed on MySQL, WAL and a busy timeout on SQLite."""
+
+def create_engine(url: str, timeout_s: float | None = None) -> sa.Engine:
+    """An engine for `url`: read-committed on MySQL, WAL and a busy timeout on SQLite.
+
+    A MySQL connection waits at most `timeout_s` (DATABASE_TIMEOUT_S) on any reply and 10 s to connect, so
+    a server gone silent fails a statement instead of hanging its process; pooled connections are pinged
+    before use, so one the server dropped is replaced rather than failing the next statement.
+    """
     if url.startswith("sqlite"):
         engine = sa.create_engine(url, connect_args={"timeout": 30})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, isolation_level="READ COMMITTED")
+    timeout_s = TaskSettings.from_env().database_timeout_s if timeout_s is None else timeout_s
+    waits = {"connect_timeout": min(timeout_s, 10), "read_timeout": timeout_s, "write_timeout": timeout_s}
+    return sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, isolation_level="READ COMMITTED",
+                            connect_args=waits)
 
 
 def _sqlite_pragmas(connection: object, _: object) -> None:
@@ -153,8 +181,6 @@ def downgrade(url: str, revision: str = "base") -> None:
 
 def main(argv: list[str]) -> int:
     """`python -m tasks.db upgrade|downgrade [revision]` against DATABASE_URL."""
-    from tasks.config import TaskSettings
-
     if not argv or argv[0] not in ("upgrade", "downgrade"):
         print("usage: python -m tasks.db upgrade|downgrade [revision]", file=sys.stderr)
         return 2

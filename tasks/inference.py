@@ -4,24 +4,30 @@ The prep-pred pattern: a job with encoded images first runs `preprocess` on the 
 decodes them into tensors that replace the job's inputs in Redis, then `predict` on the `predict`
 queue; each queue can have its own worker pool. A task receives only the job id. Bad inputs end the
 job `failed` with the reason, never in a retry loop; a worker lost mid-task is retried a bounded
-number of times (`task_retry_on_worker_lost`), then the job is failed with that reason.
+number of times (`task_retry_on_worker_lost`), then the job is failed with that reason. A task that
+meets Redis down gives its message back unacknowledged (requeued, or delivered again after the
+visibility timeout), so an outage fails no job.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
+import kombu.exceptions
 import numpy as np
+import redis
 from celery import Task, shared_task
+from celery.exceptions import Reject
 from celery.signals import task_failure
 
 import models
 from models.tensor import pack, unpack
 from tasks.jobs import Job
-from tasks.lanes import BatchQueue, Lane, dispatch, fill, split
+from tasks.lanes import BatchQueue, Lane, dispatch, fill, hand_on, split
 from tasks.resources import batches, jobs, registry
 
 log = logging.getLogger(__name__)
@@ -31,6 +37,8 @@ STAGE: dict[str, Any] = {
     "max_retries": 3, "default_retry_delay": 1,  # a worker lost mid-task: retried soon, a bounded number of times
 }
 Work = Callable[[Job, models.ModelVersion, dict[str, np.ndarray]], str]
+OUTAGE = (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError)
+"""What a task meets while Redis is down or restarting."""
 
 
 @shared_task(name="preprocess", **STAGE)
@@ -60,30 +68,39 @@ def predict(self: Task, job_id: str) -> dict[str, str]:
 
 @shared_task(name="predict_batch", **STAGE)
 def predict_batch(self: Task, model: str, version: int) -> dict[str, int]:
-    """Run the jobs waiting in one model version's lane, a batch at a time, while they keep coming."""
-    lane, queue, count = Lane(model, version), batches(), 0
+    """Run the jobs waiting in one model version's lane, a batch at a time, while they keep coming, for one
+    turn; then leave the lane, to a successor if jobs still wait."""
+    lane, queue = Lane(model, version), batches()
     if queue is None:
         return {"jobs": 0}
     try:
         found = registry().get(model, version)
     except models.ModelError as exc:
         return {"jobs": _fail_lane(self, queue, lane, str(exc))}
-    if self.request.retries:  # this batcher's last run lost its worker: take back what it held
-        _put_back(self, queue, queue.reclaim(0, lane))
-    options = found.spec.options
-    helped = False
-    while True:
+    with _given_back_in_outage():
+        _put_back(self, queue, queue.release(self.request.id))  # an earlier delivery of this batcher was lost
+        return {"jobs": _serve(self, queue, lane, found, (self.request.time_limit or self.time_limit) / 4)}
+
+
+def _serve(task: Task, queue: BatchQueue, lane: Lane, found: models.ModelVersion, turn_s: float) -> int:
+    """Take and run batches until the lane is empty or `turn_s` has passed; then hand it on. Answer the jobs run."""
+    options, holder = found.spec.options, task.request.id
+    count, helped, until = 0, False, time.monotonic() + turn_s
+    while time.monotonic() < until:
         fill(queue, lane, options.max_batch_size, options.max_batch_delay_ms / 1000)
-        taken = queue.take(lane, options.max_batch_size)
+        taken = queue.take(lane, options.max_batch_size, holder)
         if not taken:
             if queue.disarm(lane):
-                return {"jobs": count}
+                return count
             continue  # jobs came while it was leaving
         if not helped and queue.waiting(lane) >= options.max_batch_size:
             helped = True  # a backlog: let one more worker process take batches of this lane too
-            self.app.tasks["predict_batch"].apply_async(args=[model, version], queue="predict")
-        count += _run_batch(self, found, taken)
-        queue.done(lane, taken)
+            task.app.tasks["predict_batch"].apply_async(args=[lane.model, lane.version], queue="predict")
+        count += _run_batch(task, found, taken)
+        queue.done(lane, taken, holder)
+    if hand_on(task.app, queue, lane):
+        log.info("batcher of %s version %d hands the lane on after %d jobs", lane.model, lane.version, count)
+    return count
 
 
 @shared_task(name="reclaim_batches", bind=True, ignore_result=True)
@@ -154,18 +171,36 @@ def _alone(found: models.ModelVersion, inputs: dict[str, np.ndarray]) -> dict[st
 def _fail_lane(task: Task, queue: BatchQueue, lane: Lane, reason: str) -> int:
     """Fail every job waiting in a lane whose model cannot serve."""
     store, count = jobs(), 0
-    while taken := queue.take(lane, 100):
+    while taken := queue.take(lane, 100, task.request.id):
         for job_id in taken:
             if store.fail(job_id, reason):
                 _call_back(task, job_id, store.get(job_id).callback_url)
             count += 1
-        queue.done(lane, taken)
+        queue.done(lane, taken, task.request.id)
     queue.disarm(lane)
     return count
 
 
+@contextlib.contextmanager
+def _given_back_in_outage() -> Iterator[None]:
+    """Give the task's message back, unacknowledged, if Redis fails under it: it is requeued at once, or, if
+    Redis cannot take even that, delivered again after the visibility timeout. Nothing can be recorded while
+    Redis is down, so the message is what keeps the job."""
+    try:
+        yield
+    except OUTAGE as exc:
+        log.warning("Redis failed under the task (%s); its message goes back to be delivered again", exc)
+        raise Reject(exc, requeue=True) from exc
+
+
 def _stage(task: Task, job_id: str, work: Work) -> dict[str, str]:
-    """Run one stage of a job: start it, do the work on its inputs, fail it with the reason if they are bad."""
+    """Run one stage of a job; if Redis fails under it, give its message back."""
+    with _given_back_in_outage():
+        return _run_stage(task, job_id, work)
+
+
+def _run_stage(task: Task, job_id: str, work: Work) -> dict[str, str]:
+    """Start a job's stage, do the work on its inputs, fail it with the reason if they are bad."""
     store, request_id = jobs(), _request_id(task)
     log.info("request %s: job %s %s (attempt %d)", request_id, job_id, task.name, task.request.retries + 1)
     started = store.start(job_id)
@@ -198,10 +233,23 @@ def _call_back(task: Task, job_id: str, callback_url: str | None) -> None:
 
 
 @task_failure.connect
-def _record_failure(sender: Task | None = None, args: tuple | None = None, exception: BaseException | None = None,
-                    **_: Any) -> None:
-    """A stage that raised or whose worker was lost past its retries fails its job with the reason."""
+def _record_failure(sender: Task | None = None, task_id: str | None = None, args: tuple | None = None,
+                    exception: BaseException | None = None, **_: Any) -> None:
+    """A stage that raised or whose worker was lost past its retries fails its job with the reason; a batcher
+    that did puts back the jobs it held and hands its lane on, so the lane is never left armed with no batcher."""
     if sender is not None and sender.name in STAGES and args:
         store = jobs()
         if store.fail(args[0], f"{type(exception).__name__}: {exception}"):
             _call_back(sender, args[0], store.get(args[0]).callback_url)
+    elif sender is not None and sender.name == "predict_batch" and args and task_id:
+        _repair(sender, Lane(*args), task_id, exception)
+
+
+def _repair(task: Task, lane: Lane, holder: str, exception: BaseException | None) -> None:
+    """Put back what a failed batcher held and hand its lane on."""
+    queue = batches()
+    if queue is None:
+        return
+    log.warning("batcher of %s version %d ended with %r; its lane is handed on", lane.model, lane.version, exception)
+    _put_back(task, queue, queue.release(holder))
+    hand_on(task.app, queue, lane)

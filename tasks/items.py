@@ -4,7 +4,8 @@ An item is `queued` until a run's chunk task claims it: `running`, with the chun
 lease. The chunk writes its outcomes in bulk, only to rows that still carry its token, and counts them
 into its run in the same transaction. An item that failed is `failed` with its reason;
 while it has attempts left, the next run of its model tries it again (the partial retry). Rows whose
-lease ran out (their worker was lost) go back to `queued`, or to `failed` once out of attempts.
+lease ran out (their worker was lost) go back to `queued`, or to `failed` once out of attempts; a chunk
+stopped by the SQL store going away takes its rows back without counting a try.
 """
 
 from __future__ import annotations
@@ -121,13 +122,15 @@ class ItemStore:
                                                         items.c.status == QUEUED).values(taken))
         return [Claimed(*row) for row in rows]
 
-    def reclaim(self, model: str, span: Span, token: str) -> list[Claimed]:
-        """Take back, under a fresh lease, the items a lost attempt of the same chunk task held."""
+    def reclaim(self, model: str, span: Span, token: str, count: bool = True) -> list[Claimed]:
+        """Take back, under a fresh lease, the items an earlier attempt of the same chunk task held; count a
+        try unless `count` is false (that attempt was stopped by the store, not by the items)."""
         held = (items.c.model == model, items.c.status == RUNNING, items.c.id.between(*span), items.c.claim == token)
         started = now()
+        tries = items.c.attempts + 1 if count else items.c.attempts
         with self.engine.begin() as connection:
             connection.execute(items.update().where(*held).values(
-                leased_until=started + self.lease, started_at=started, attempts=items.c.attempts + 1))
+                leased_until=started + self.lease, started_at=started, attempts=tries))
             query = sa.select(items.c.id, items.c.version, items.c.input).where(*held)
             return [Claimed(*row) for row in connection.execute(query.order_by(items.c.id))]
 
@@ -192,6 +195,21 @@ class ItemStore:
             for run_id, count in Counter(r.run_id for r in spent).items():
                 connection.execute(runs.update().where(runs.c.id == run_id).values(failed=runs.c.failed + count))
         return dict(Counter(r.run_id for r in again))
+
+    def renew_leases(self, models: list[str]) -> int:
+        """Give the models' items whose lease ran out a fresh lease; answer how many.
+
+        For runs the reconciler could not look at for a while: what kept it away (the store unreachable)
+        likely kept the items' holders from writing back too, and a holder retrying through an outage takes
+        its items back within the new lease. Those still held when it runs out are expired as usual.
+        """
+        if not models:
+            return 0
+        renewed = now()
+        lapsed = items.update().where(items.c.model.in_(models), items.c.status == RUNNING,
+                                      items.c.leased_until < renewed)
+        with self.engine.begin() as connection:
+            return connection.execute(lapsed.values(leased_until=renewed + self.lease)).rowcount
 
     @staticmethod
     def _expire(connection: sa.Connection, ids: list[int], values: dict[str, Any]) -> None:

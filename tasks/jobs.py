@@ -18,7 +18,6 @@ import redis
 
 from models import answer
 from models.tensor import unpack
-from tasks.resp import Lines
 from tasks.status import JobStatus
 
 _CREATE = """
@@ -96,7 +95,6 @@ class JobStore:
     def __init__(self, client: redis.Redis, ttl_s: int, retention_s: int):
         self.client, self.ttl_s, self.retention_s = client, ttl_s, max(retention_s, ttl_s)
         self._create = client.register_script(_CREATE)
-        self._lines = Lines(client)  # job creation is on every submission's path: the lean connection
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
 
@@ -116,11 +114,11 @@ class JobStore:
         keys = [_key(job.id), _key(job.id, "inputs"), _key(job.id, "issued")]
         lane_keys, lease_ms = (list(push[:2]), push[2]) if push else ([], 0)
         args = [self.ttl_s, self.retention_s, inputs, job.id, lease_ms, *fields]
-        return job, bool(self._lines.script(self._create, keys + lane_keys, args))
+        return job, bool(self._create(keys=keys + lane_keys, args=args))
 
     def close(self) -> None:
-        """Close this store's lean Redis lines, every thread's (its owner is done with it)."""
-        self._lines.close_all()
+        """Close the store's Redis connections (its owner is done with it)."""
+        self.client.close()
 
     def get(self, job_id: str) -> Job:
         """A job's record; JobNotFound for an id never issued, JobExpired for one whose record expired."""

@@ -51,6 +51,13 @@ class Run:
     error: str | None = None
     period: str | None = None
     active: str | None = None
+    reconciled_at: datetime.datetime | None = None
+
+    def unwatched(self, longer_than: datetime.timedelta) -> bool:
+        """Whether beat's reconciler has not looked at the run for longer than that (counted from its start
+        if it never did)."""
+        seen = self.reconciled_at or self.started_at or self.created_at
+        return seen < now() - longer_than
 
     def public(self) -> dict[str, Any]:
         """The run as the API shows it, with its progress: done, rate and the time it should still take."""
@@ -173,6 +180,12 @@ class RunStore:
         """Note progress on a run now, so the reconciler leaves it alone for a lease."""
         with self.engine.begin() as connection:
             connection.execute(runs.update().where(runs.c.id == run_id).values(updated_at=now()))
+
+    def reconciled(self, run_ids: list[int]) -> None:
+        """Note that the reconciler looked at these runs now."""
+        if run_ids:
+            with self.engine.begin() as connection:
+                connection.execute(runs.update().where(runs.c.id.in_(run_ids)).values(reconciled_at=now()))
 
     def live(self) -> list[Run]:
         """Every queued or running run."""

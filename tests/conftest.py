@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ from models.config import PACKAGE_DIR
 from webapp import close_app, create_app
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+EAGER = {"task_always_eager": True, "task_eager_propagates": True}
+"""Celery options of the fast unit tests: a task runs in the request that sends it. Eager mode is an emulation
+(no acks, prefetch, time limits or worker signals): every pattern also has tests through real workers."""
 DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,6 +88,27 @@ def app() -> Iterator[Flask]:
 
 
 @pytest.fixture
+def make_eager_app(redis_url: str) -> Iterator[Callable[..., Flask]]:
+    """Build apps whose tasks run eagerly, over the test Redis unless `config` says otherwise; each is closed
+    at teardown."""
+    made: list[Flask] = []
+
+    def make(**config: object) -> Flask:
+        made.append(create_app({"TESTING": True, "redis_url": redis_url, "celery": EAGER, **config}))
+        return made[-1]
+
+    yield make
+    for app in made:
+        close_app(app)
+
+
+@pytest.fixture
+def eager_client(make_eager_app: Callable[..., Flask]) -> FlaskClient:
+    """A client of an app whose tasks run in the request, over the test Redis."""
+    return make_eager_app().test_client()
+
+
+@pytest.fixture
 def client(app: Flask) -> FlaskClient:
     """A test client of `app`."""
     return app.test_client()
@@ -130,17 +155,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         pytest.exit("required services are missing (see README, 'Tests'):\n  " + "\n  ".join(problems), 3)
 
 
-@pytest.fixture(scope="session")
-def live_server() -> Iterator[str]:
-    """The web process under gunicorn with the project's config, on a free port; answers its base URL."""
+@contextlib.contextmanager
+def web_server(log: Path | None = None, **settings: str) -> Iterator[str]:
+    """The web process under gunicorn with the project's config and `settings` as environment, one worker, on a
+    free port; answers its base URL once it is ready. One worker: once it answers it has booted, so the SIGTERM
+    at the end cannot reach a worker still starting, which gunicorn would only stop after its graceful timeout."""
     port = free_port()
-    # one worker: once it answers it has booted, so the SIGTERM at teardown cannot reach a worker
-    # still starting, which gunicorn would only stop after its graceful timeout
-    env = {**os.environ, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "1", "REDIS_URL": REDIS_URL}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
+    env = {**os.environ, "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "1", "REDIS_URL": REDIS_URL, **settings}
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(log.open("w")) if log is not None else subprocess.DEVNULL
+        process = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py")],
+                                   cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT if log else subprocess.PIPE,
+                                   text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/v2/health/ready", process)
@@ -148,6 +174,13 @@ def live_server() -> Iterator[str]:
     finally:
         process.terminate()
         process.communicate(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def live_server() -> Iterator[str]:
+    """The web process under gunicorn as deployed, on a free port; answers its base URL."""
+    with web_server() as url:
+        yield url
 
 
 def free_port() -> int:

@@ -8,6 +8,7 @@ import io
 import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -77,3 +78,28 @@ def callback_receiver() -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def gather_model(root: Path) -> Path:
+    """Write a model into the repository at `root` whose graph looks up one of 10 rows by index: an index past
+    them fails at run time, which no input check can see. Answers `root`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    table = helper.make_tensor("table", TensorProto.FLOAT, [10, 1], [float(i) for i in range(10)])
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "index"], ["gathered"], axis=0),
+         helper.make_node("Reshape", ["gathered", "shape"], ["value"])],
+        "gather",
+        [helper.make_tensor_value_info("index", TensorProto.INT64, ["n", 1])],
+        [helper.make_tensor_value_info("value", TensorProto.FLOAT, ["n", 1])],
+        [table, helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    (root / "gather" / "1").mkdir(parents=True)
+    onnx.save(model, root / "gather" / "1" / "model.onnx")
+    (root / "gather" / "model.toml").write_text(
+        '[[inputs]]\nname = "index"\ndtype = "int64"\nshape = [-1, 1]\n\n'
+        '[[outputs]]\nname = "value"\ndtype = "float32"\nshape = [-1, 1]\n'
+    )
+    return root

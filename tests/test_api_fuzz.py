@@ -1,7 +1,8 @@
 """No client input makes the API answer 5xx.
 
-First schemathesis fuzzes every operation of the app's own OpenAPI document; then property tests aim at the
-request codecs: TF Serving rows and columns, V2 JSON and binary tensors, wire encodings, and encoded images.
+First schemathesis fuzzes every operation of the app's own OpenAPI document, in process and again over HTTP
+against the web process under gunicorn (conftest's `live_server`); then property tests aim at the request
+codecs: TF Serving rows and columns, V2 JSON and binary tensors, wire encodings, and encoded images.
 Every answer must be below 500, every error a JSON object with an "error" string, every 200 the documented
 shape. Generation is derandomized and keeps no example database, so runs are reproducible.
 """
@@ -35,6 +36,7 @@ APP = create_app({"TESTING": True, "redis_url": REDIS_URL, "database_url": DATAB
 CLIENT = APP.test_client()
 REGISTRY = APP.extensions["registry"]
 MODELS = ("iris", "digits-light")
+MODEL_OPERATIONS = r"^/v[12]/models/\{name\}(:predict|/infer)$"
 HEADER = "Inference-Header-Content-Length"
 
 
@@ -65,20 +67,30 @@ def schemathesis_config(name: str | None = None) -> SchemathesisConfig:
     return SchemathesisConfig.from_dict(data)
 
 
-def model_schema(name: str) -> schemathesis.BaseSchema:
+def model_schema(name: str, over_http: bool = False) -> schemathesis.BaseSchema:
     """The predict and infer operations of one real model, so generated bodies reach validation."""
-    schema = schemathesis.openapi.from_wsgi("/openapi.json", APP, config=schemathesis_config(name))
-    return schema.include(method="POST", path_regex=r"^/v[12]/models/\{name\}(:predict|/infer)$")
+    return api_schema(name, over_http).include(method="POST", path_regex=MODEL_OPERATIONS)
 
 
-API = schemathesis.openapi.from_wsgi("/openapi.json", APP, config=schemathesis_config())
+def api_schema(name: str | None = None, over_http: bool = False) -> schemathesis.BaseSchema:
+    """The app's document; its cases go to the app in process, or `over_http` to the base URL each call names."""
+    config = schemathesis_config(name)
+    if over_http:  # a schema with no app is sent with requests
+        return schemathesis.openapi.from_dict(CLIENT.get("/openapi.json").get_json(), config=config)
+    return schemathesis.openapi.from_wsgi("/openapi.json", APP, config=config)
+
+
+API = api_schema()
 IRIS = model_schema("iris")
 DIGITS = model_schema("digits-light")
+LIVE_API = api_schema(over_http=True)
+LIVE_IRIS = model_schema("iris", over_http=True)
+LIVE_DIGITS = model_schema("digits-light", over_http=True)
 
 
-def call_and_check(case: schemathesis.Case) -> None:
-    """Send the case to the app, run schemathesis' own checks and ours."""
-    response = case.call_and_validate()
+def call_and_check(case: schemathesis.Case, base_url: str | None = None) -> None:
+    """Send the case to the app (or to the server at `base_url`), run schemathesis' own checks and ours."""
+    response = case.call_and_validate(base_url=base_url)
     assert_json_error(response.status_code, response.content)
 
 
@@ -95,6 +107,23 @@ def test_iris_answers_generated_bodies_without_server_errors(case: schemathesis.
 @DIGITS.parametrize()
 def test_digits_answers_generated_bodies_without_server_errors(case: schemathesis.Case) -> None:
     call_and_check(case)
+
+
+@LIVE_API.parametrize()
+def test_every_operation_answers_over_http_without_server_errors(case: schemathesis.Case, live_server: str) -> None:
+    call_and_check(case, live_server)
+
+
+@LIVE_IRIS.parametrize()
+def test_iris_answers_generated_bodies_over_http_without_server_errors(case: schemathesis.Case,
+                                                                       live_server: str) -> None:
+    call_and_check(case, live_server)
+
+
+@LIVE_DIGITS.parametrize()
+def test_digits_answers_generated_bodies_over_http_without_server_errors(case: schemathesis.Case,
+                                                                         live_server: str) -> None:
+    call_and_check(case, live_server)
 
 
 # Property tests aimed at the codecs, through the test client.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -17,16 +18,15 @@ from tasks import batch, db
 from tasks.runs import RunRefused
 from webapp import create_app
 
-EAGER = {"task_always_eager": True, "task_eager_propagates": True}
 IDLE_REDIS_URL = "redis://127.0.0.1:6379/13"
 """A database no worker listens on: runs queued there stay queued."""
 ROWS = load_iris().data.astype(np.float32)
 
 
 @pytest.fixture
-def eager(batch_tables: sa.Engine, redis_url: str) -> FlaskClient:
+def eager(batch_tables: sa.Engine, eager_client: FlaskClient) -> FlaskClient:
     """A client whose runs execute in the request, over the real MariaDB."""
-    return create_app({"TESTING": True, "redis_url": redis_url, "celery": EAGER}).test_client()
+    return eager_client
 
 
 @pytest.fixture
@@ -214,11 +214,12 @@ def test_an_unreachable_database_answers_503_and_predict_goes_on(batch_tables: s
     assert client.post("/v1/models/iris:predict", json={"instances": [[1, 2, 3, 4]]}).status_code == 200
 
 
-def test_the_whole_pattern_on_the_embedded_sqlite(tmp_path, monkeypatch: pytest.MonkeyPatch, redis_url: str):
+def test_the_whole_pattern_on_the_embedded_sqlite(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                   make_eager_app: Callable[..., Flask]):
     url = f"sqlite:///{tmp_path / 'platform.db'}"
     db.upgrade(url)
     monkeypatch.setenv("DATABASE_URL", url)
-    client = create_app({"TESTING": True, "redis_url": redis_url, "celery": EAGER}).test_client()
+    client = make_eager_app().test_client()
     ids = register(client, "iris", ROWS[:30].tolist())
     assert run(client, "iris")["succeeded"] == 30
     expected = client.post("/v1/models/iris:predict", json={"instances": ROWS[:30].tolist()}).get_json()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -19,7 +19,6 @@ from tasks import db
 from webapp import create_app
 
 DIGITS = load_digits()
-EAGER = {"task_always_eager": True, "task_eager_propagates": True}
 
 
 @pytest.fixture
@@ -37,8 +36,8 @@ def stored(database_url: str, redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def app(stored: redis.Redis, redis_url: str) -> Flask:
-    return create_app({"TESTING": True, "redis_url": redis_url, "celery": EAGER})
+def app(stored: redis.Redis, make_eager_app: Callable[..., Flask]) -> Flask:
+    return make_eager_app()
 
 
 @pytest.fixture

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 from sklearn.datasets import load_iris
 
@@ -14,15 +16,8 @@ from models import Registry, Settings, ensemble
 from models.config import PACKAGE_DIR
 from samples import error_of
 from tasks import resources
-from webapp import create_app
 
-EAGER = {"task_always_eager": True, "task_eager_propagates": True}
 MEMBERS = ("iris-setosa", "iris-versicolor", "iris-virginica")
-
-
-@pytest.fixture
-def eager_client(redis_url: str) -> FlaskClient:
-    return create_app({"TESTING": True, "redis_url": redis_url, "celery": EAGER}).test_client()
 
 
 def test_best_of_one_vs_rest_members_names_the_species(eager_client: FlaskClient):
@@ -53,9 +48,9 @@ def repo_with_a_broken_member(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     return tmp_path
 
 
-def test_a_failing_member_gives_a_partial_answer_not_an_error(repo_with_a_broken_member: Path, redis_url: str):
-    client = create_app({"TESTING": True, "redis_url": redis_url, "celery": EAGER,
-                         "models_dir": repo_with_a_broken_member}).test_client()
+def test_a_failing_member_gives_a_partial_answer_not_an_error(repo_with_a_broken_member: Path,
+                                                              make_eager_app: Callable[..., Flask]):
+    client = make_eager_app(models_dir=repo_with_a_broken_member).test_client()
     response = client.post("/v1/ensembles/iris-ovr:predict", json={"instances": [[6.3, 3.3, 6.0, 2.5]]})
     assert response.status_code == 200
     body = response.get_json()

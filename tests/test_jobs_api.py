@@ -6,7 +6,7 @@ import base64
 import io
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -18,15 +18,8 @@ from samples import Receiver, callback_receiver, digit_png, error_of
 from webapp import create_app
 
 IRIS = {"instances": [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]}
-EAGER = {"task_always_eager": True, "task_eager_propagates": True}
 IDLE_REDIS_URL = "redis://127.0.0.1:6379/13"
 """A database no worker listens on: jobs queued there stay queued."""
-
-
-@pytest.fixture
-def eager_client(redis_url: str) -> FlaskClient:
-    """A client of an app whose tasks run in the request, over the test Redis."""
-    return create_app({"TESTING": True, "redis_url": redis_url, "celery": EAGER}).test_client()
 
 
 @pytest.fixture
@@ -148,7 +141,8 @@ def test_request_id_is_kept_or_made(eager_client: FlaskClient):
 
 
 @pytest.fixture
-def receiver() -> Iterator[str]:
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("CALLBACK_ALLOW_NETWORKS", "127.0.0.1/32")  # the receiver is local; the web and the task read it
     with callback_receiver() as url:
         yield url
 
@@ -173,12 +167,12 @@ def test_a_bad_callback_url_is_400(eager_client: FlaskClient, url: object):
                                       400)
 
 
-def test_redis_stopped_submit_is_503_while_predict_answers(tmp_path):
+def test_redis_stopped_submit_is_503_while_predict_answers(tmp_path, make_eager_app: Callable[..., Flask]):
     from deploy import redis_server
 
     process, url = redis_server.start(tmp_path / "redis", stdout=subprocess.DEVNULL)
     try:
-        client = create_app({"TESTING": True, "redis_url": url, "celery": EAGER}).test_client()
+        client = make_eager_app(redis_url=url).test_client()
         assert client.post("/v1/models/iris:submit", json=IRIS).status_code == 202
     finally:
         process.terminate()

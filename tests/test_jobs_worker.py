@@ -34,7 +34,8 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Pope
     """A Celery worker with two prefork children on every queue of a fresh Redis database."""
     redis.Redis.from_url(WORKER_REDIS_URL).flushdb()
     log = tmp_path_factory.mktemp("worker") / "w.log"
-    with celery_worker(WORKER_REDIS_URL, "prep,predict,callbacks", log, env={"BATCH_LEASE_S": "1"}) as w:
+    env = {"BATCH_LEASE_S": "1", "CALLBACK_ALLOW_NETWORKS": "127.0.0.1/32"}  # callback receivers are local
+    with celery_worker(WORKER_REDIS_URL, "prep,predict,callbacks", log, env=env) as w:
         yield w
 
 
@@ -134,7 +135,9 @@ def _running_child(client: FlaskClient, status_url: str, parent: int) -> int:
     pytest.fail("the job never started running")
 
 
-def test_callbacks_are_retried_with_backoff_until_the_receiver_takes_them(client: FlaskClient):
+def test_callbacks_are_retried_with_backoff_until_the_receiver_takes_them(client: FlaskClient,
+                                                                         monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("CALLBACK_ALLOW_NETWORKS", "127.0.0.1/32")
     body = {"instances": [[6.3, 3.3, 6.0, 2.5]]}
     with callback_receiver() as url:
         Receiver.answers = [503, 500]

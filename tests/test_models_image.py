@@ -5,9 +5,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 import struct
 import zlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +21,9 @@ from PIL import Image
 
 from models import spec as specs
 from models.config import PACKAGE_DIR
+from models.image import ImagePipeline
 from models.training import held_out
-from webapp import create_app
+from webapp import close_app, create_app
 
 SAMPLES = 50
 INK_THRESHOLD = 64  # the digits specs' crop_to_content threshold, on the 0-255 scale
@@ -103,7 +106,7 @@ def test_digit_photos_preprocess_to_the_digit(digits: tuple[np.ndarray, np.ndarr
     assert pipeline is not None
     x, _ = digits
     for i, digit in enumerate(x):
-        tensor = pipeline.tensor(digit_photo(digit, i), max_pixels=10**6)
+        tensor = pipeline.tensor(pipeline.open(digit_photo(digit, i), max_pixels=10**6))
         assert tensor.shape == (8, 8, 1)
         # a photo rounds ink to whole levels (and JPEG moves them a little), so ink within a few levels of
         # the threshold (value 4 of 16 is 63.75 of 255) may fall on either side of it
@@ -386,12 +389,34 @@ def test_bad_image_is_a_client_error(kind: str, client: FlaskClient) -> None:
     assert "image" in body["error"]
 
 
+COMMON_FORMATS = ["PNG", "GIF", "BMP", "WEBP", "TIFF"]
+
+
+@pytest.fixture(scope="module")
+def formats_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlaskClient]:
+    """A client of an app over a copy of digits-heavy whose spec declares more formats than PNG and JPEG."""
+    root: Path = tmp_path_factory.mktemp("formats")
+    shutil.copytree(PACKAGE_DIR / "digits-heavy", root / "digits-heavy")
+    spec = root / "digits-heavy" / "model.toml"
+    declared = 'step = "convert"\nmode = "L"\nformats = ' + json.dumps(COMMON_FORMATS) + "\n"
+    spec.write_text(spec.read_text().replace('step = "convert"\nmode = "L"\n', declared, 1))
+    app = create_app({"TESTING": True, "models_dir": root, "reload_interval_s": 0.0})
+    yield app.test_client()
+    close_app(app)
+
+
+def preprocessed(pipeline: ImagePipeline, data: bytes) -> np.ndarray:
+    """One encoded image as the pipeline turns it into a tensor."""
+    return pipeline.tensor(pipeline.open(data, 10**6))
+
+
 @pytest.mark.parametrize(("fmt", "mode"), [("GIF", "L"), ("BMP", "RGB"), ("WEBP", "RGB"), ("TIFF", "L")])
-def test_common_formats_are_decoded(
-    fmt: str, mode: str, client: FlaskClient, digits: tuple[np.ndarray, np.ndarray]
+def test_declared_formats_are_decoded(
+    fmt: str, mode: str, client: FlaskClient, formats_client: FlaskClient, digits: tuple[np.ndarray, np.ndarray]
 ) -> None:
-    pipeline = specs.load(PACKAGE_DIR / "digits-light").inputs[0].image
+    pipeline = specs.load(PACKAGE_DIR / "digits-heavy").inputs[0].image
     assert pipeline is not None
+    wider = replace(pipeline, formats=tuple(COMMON_FORMATS))
     x, _ = digits
     for i in (1, 6, 11):  # PNG photos
         png = digit_photo(x[i], i)
@@ -399,7 +424,10 @@ def test_common_formats_are_decoded(
         options = {"lossless": True} if fmt == "WEBP" else {}
         data = encoded(photo, fmt, **options)
         assert Image.open(io.BytesIO(data)).format == fmt
-        np.testing.assert_array_equal(pipeline.tensor(data, 10**6), pipeline.tensor(png, 10**6))
-        status, body = predict_image(client, data, "digits-heavy")
+        np.testing.assert_array_equal(preprocessed(wider, data), preprocessed(pipeline, png))
+        status, body = predict_image(formats_client, data, "digits-heavy")
         assert status == 200, body
-        assert body == predict_image(client, png, "digits-heavy")[1]
+        assert body == predict_image(formats_client, png, "digits-heavy")[1]
+        status, body = predict_image(client, data, "digits-heavy")  # the committed spec declares none
+        assert (status, body["error"]) == (400, "input 'pixels'[0]: not a PNG or JPEG image "
+                                                "(the formats this input takes)")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from flask import Flask
 from flask.testing import FlaskClient
 from sklearn.datasets import load_digits
 
@@ -14,13 +16,7 @@ from models.config import PACKAGE_DIR
 from samples import error_of
 from webapp import create_app
 
-EAGER = {"task_always_eager": True, "task_eager_propagates": True}
 ROWS = {"instances": load_digits().data[:3].tolist()}
-
-
-@pytest.fixture
-def eager_client(redis_url: str) -> FlaskClient:
-    return create_app({"TESTING": True, "redis_url": redis_url, "celery": EAGER}).test_client()
 
 
 def test_light_answer_now_and_heavy_job_later(eager_client: FlaskClient):
@@ -44,9 +40,9 @@ def broken_light_repo(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_a_failing_light_model_still_queues_the_heavy_job(broken_light_repo: Path, redis_url: str):
-    client = create_app({"TESTING": True, "redis_url": redis_url, "celery": EAGER,
-                         "models_dir": broken_light_repo}).test_client()
+def test_a_failing_light_model_still_queues_the_heavy_job(broken_light_repo: Path,
+                                                         make_eager_app: Callable[..., Flask]):
+    client = make_eager_app(models_dir=broken_light_repo).test_client()
     response = client.post("/v1/pipelines/digits:predict", json=ROWS)
     assert response.status_code == 202
     body = response.get_json()

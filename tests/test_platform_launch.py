@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from deploy import launch
+
 ROOT = Path(__file__).resolve().parent.parent
 IRIS = [[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]
 LAUNCH_REDIS_URL = os.environ.get("TEST_LAUNCH_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -145,6 +147,8 @@ def test_make_run_serves_queues_and_shows_flower_then_stops_on_ctrl_c(platform: 
 
     _wait(platform, f"{platform.flower}/api/workers?refresh=1", auth=("ops", "s3cret"))
     assert requests.get(f"{platform.flower}/api/workers", timeout=5).status_code == 401
+    assert not _port_open(platform.flower.replace("127.0.0.1", "127.0.0.2"))  # Flower is on 127.0.0.1 alone
+    assert "s3cret" not in platform.output()  # a configured password is never printed
     expected = {"preprocess", "predict", "predict_batch", "deliver_callback", "reclaim_batches", "batch_run",
                 "batch_chunk", "batch_reconcile", "batch_scheduled"}
     deadline, registered = time.monotonic() + 30, set()
@@ -212,3 +216,47 @@ def _parent(pid: int) -> int:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, IndexError, ValueError):
         return -1
+
+
+def test_flower_gets_a_password_made_for_the_run_only_shown_on_a_terminal(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture[str]):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWER_")}
+    env.update(REDIS_URL=LAUNCH_REDIS_URL, FLOWER_PORT=str(_free_port()))
+    flower_env, made = launch.flower_login(env)
+    assert made and len(made) >= 24 and made != launch.flower_login(env)[1]
+    assert launch.flower_login({"FLOWER_USER": "ops", "FLOWER_PASSWORD": "s3cret"}) == (
+        {"FLOWER_BASIC_AUTH": "ops:s3cret"}, None)
+
+    master, replica = os.openpty()
+    with open(replica, "w") as terminal:
+        launch.show_once(f"password {made}", terminal)
+    assert made in os.read(master, 1024).decode()
+    os.close(master)
+    with (tmp_path / "launch.log").open("w") as log_file:
+        launch.show_once(f"password {made}", log_file)
+    printed = capsys.readouterr().out
+    assert made not in (tmp_path / "launch.log").read_text() + printed and "set FLOWER_PASSWORD" in printed
+
+    command = launch.commands(env, tmp_path)["flower"]
+    assert not any(made in arg for arg in command)
+    with (tmp_path / "flower.log").open("w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, env={**env, **flower_env}, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{env['FLOWER_PORT']}"
+    try:
+        deadline = time.monotonic() + 60
+        while not _answers(f"{url}/api/tasks", ("admin", made)):
+            assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "flower.log").read_text()
+            time.sleep(0.2)
+        assert requests.get(f"{url}/api/tasks", auth=("admin", "admin"), timeout=5).status_code == 401
+        assert not _port_open(url.replace("127.0.0.1", "127.0.0.2"))  # bound to loopback, not every interface
+        assert made not in (tmp_path / "flower.log").read_text()
+    finally:
+        process.terminate()
+        process.wait(30)
+
+
+def _answers(url: str, auth: tuple[str, str]) -> bool:
+    try:
+        return requests.get(url, auth=auth, timeout=5).status_code == 200
+    except requests.RequestException:
+        return False

@@ -194,7 +194,7 @@ def test_outputs_filter(client: FlaskClient) -> None:
     ({"inputs": [features(ROWS.ravel().tolist(), datatype="FLOAT")]}, "unknown datatype 'FLOAT'"),
     ({"inputs": [features(ROWS[:, :3].ravel().tolist(), [2, 3])]}, "expected shape [-1, 4], got [2, 3]"),
     ({"inputs": [features(ROWS.ravel().tolist()[:7])]}, "does not fill shape [2, 4]"),
-    ({"inputs": [features(ROWS.tolist(), [4, 2])]}, "does not fill shape [4, 2]"),
+    ({"inputs": [features(ROWS.tolist(), [1, 4])]}, "does not fill shape [1, 4]"),
     ({"inputs": [features(ROWS.ravel().tolist(), [2, -4])]}, "non-negative integers"),
     ({"inputs": [features([["5.1"] * 4] * 2)]}, "got text"),
     ({"inputs": [{**features(ROWS.tolist()), "name": "petals"}]}, "unknown input 'petals'"),
@@ -341,7 +341,7 @@ def test_binary_png_bytes_predict_the_digit(client: FlaskClient) -> None:
     (LENGTH.pack(100) + b"short", "runs past its binary_data_size"),
     (b"\x05\x00", "length is truncated"),
     (bytes_tensor([b"\x89PNG\r\n\x1a\n not an image"]), "image"),
-    (bytes_tensor([b"a", b"b"]), "2 BYTES elements for a shape of 1"),
+    (bytes_tensor([b"a", b"b"]), "5 bytes of binary_data_size are past the 1 BYTES elements of its shape"),
 ])
 def test_bad_binary_bytes_are_400(client: FlaskClient, raw: bytes, named: str) -> None:
     entry = binary_entry("pixels", [1], "BYTES", raw)

@@ -1,10 +1,11 @@
-"""The web worker class (deploy/worker.py) under real gunicorn: request-head limits, keep-alive, pipelining,
-inference requests answered by the protocol itself."""
+"""The web process under real gunicorn (deploy/worker.py, webapp/asgi.py): keep-alive, pipelining, the body's
+size limit and deadline, and a worker that outlives its master."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
+from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import orjson
@@ -13,15 +14,6 @@ import pytest
 pytestmark = pytest.mark.integration
 
 LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: test\r\n"
-
-
-@pytest.fixture(scope="module")
-def bridge():
-    from webapp.asgi import create_asgi_app
-
-    app = create_asgi_app({"TESTING": True})
-    yield app
-    app.pool.shutdown()
 
 
 def exchange(url: str, request: bytes) -> bytes:
@@ -35,45 +27,6 @@ def exchange(url: str, request: bytes) -> bytes:
             while chunk := conn.recv(65536):
                 chunks.append(chunk)
     return b"".join(chunks)
-
-
-def refusal(answer: bytes) -> tuple[int, str]:
-    """The status and JSON error message of a refused request; the server closes after it."""
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert b"connection: close" in head.lower(), head
-    return int(head.split(b" ", 2)[1]), orjson.loads(body)["error"]
-
-
-def test_a_header_field_over_the_size_limit_is_refused_with_431(live_server: str) -> None:
-    status, error = refusal(exchange(live_server, LIVE + b"X-Big: " + b"a" * 9000 + b"\r\n\r\n"))
-    assert status == 431 and "'x-big'" in error and "8190" in error
-
-
-def test_more_header_fields_than_the_limit_are_refused_with_431(live_server: str) -> None:
-    fields = b"".join(b"X-%d: 1\r\n" % i for i in range(101))
-    status, error = refusal(exchange(live_server, LIVE + fields + b"\r\n"))
-    assert status == 431 and "100 header fields" in error
-
-
-def test_a_request_target_over_the_line_limit_is_refused_with_414(live_server: str) -> None:
-    status, error = refusal(exchange(live_server, b"GET /v2/health/live?q=" + b"a" * 5000 + b" HTTP/1.1\r\n"
-                                                  b"Host: test\r\n\r\n"))
-    assert status == 414 and "4094" in error
-
-
-def test_a_head_that_never_ends_is_cut_off_and_the_worker_serves_on(live_server: str) -> None:
-    answer = exchange(live_server, LIVE + b"X-Endless: " + b"a" * 2_000_000)
-    assert b" 200 " not in answer.split(b"\r\n", 1)[0]
-    assert exchange(live_server, LIVE + b"Connection: close\r\n\r\n").startswith(b"HTTP/1.1 200 ")
-
-
-def test_heads_within_the_limits_are_served_on_one_connection_past_the_whole_head_bound(
-        live_server: str) -> None:
-    # 150 pipelined requests with 6 kB fields: 900 kB of heads on one connection, over the bound of a single
-    # head (line + 100 fields of 8190 bytes, about 823 kB), so the count starts afresh with each request
-    one = LIVE + b"X-Padding: " + b"a" * 6000 + b"\r\n\r\n"
-    answer = exchange(live_server, one * 149 + LIVE + b"X-Padding: a\r\nConnection: close\r\n\r\n")
-    assert answer.count(b"HTTP/1.1 200 ") == 150 and answer.count(b'{"live":true}') == 150
 
 
 IRIS = b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}'
@@ -104,7 +57,7 @@ def answers(raw: bytes) -> list[tuple[int, dict[bytes, bytes], bytes]]:
 
 
 def test_inference_requests_are_answered_in_order_among_others_on_one_connection(live_server: str) -> None:
-    # pipelined in one write: inference routes, answered by the protocol itself, and routes of the Flask app,
+    # pipelined in one write: inference routes, answered on the event loop, and routes of the Flask app,
     # answered on its threads, whose answers must not be overtaken
     requests = [post(b"/v1/models/iris:predict", IRIS), LIVE + b"\r\n", post(b"/v2/models/iris/infer", V2),
                 b"GET /v1/models HTTP/1.1\r\nHost: test\r\n\r\n", post(b"/v2/models/iris/infer", V2),
@@ -126,7 +79,8 @@ def test_an_inference_request_is_answered_as_http_1_0_expect_and_the_body_limit_
     assert [s for s, _, _ in answers(exchange(live_server, waiting))] == [100, 200]
     big = post(b"/v2/models/iris/infer", b"[" + b"0," * 17_000_000 + b"0]")  # over the 32 MiB default
     got = answers(exchange(live_server, big + post(b"/v2/models/iris/infer", V2, b"Connection: close")))
-    assert [s for s, _, _ in got] == [413, 200] and "limit" in orjson.loads(got[0][2])["error"]
+    assert [s for s, _, _ in got] == [413] and "limit" in orjson.loads(got[0][2])["error"]
+    assert got[0][1][b"connection"] == b"close"  # refused before its body was read: the connection is closed
 
 
 def test_many_pipelined_inference_requests_are_all_answered_in_order(live_server: str) -> None:
@@ -134,58 +88,6 @@ def test_many_pipelined_inference_requests_are_all_answered_in_order(live_server
     got = answers(exchange(live_server, b"".join(requests) + post(b"/v2/models/iris/infer", V2, b"Connection: close")))
     assert len(got) == 2000 and [status for status, _, _ in got[:4]] == [400, 200, 400, 200]  # an iris row is no V2
     assert {status for status, _, _ in got[1::2]} == {200} and {status for status, _, _ in got[::2][:-1]} == {400}
-
-
-def test_the_protocol_stops_reading_while_its_answers_wait_unread(bridge) -> None:
-    import asyncio
-
-    from uvicorn.config import Config
-    from uvicorn.server import ServerState
-
-    from deploy.worker import DataPlaneProtocol, Limits
-
-    class Transport(asyncio.Transport):
-        def __init__(self) -> None:
-            super().__init__()
-            self.written, self.reading, self.closed = [], True, False
-
-        def write(self, data: bytes) -> None:
-            self.written.append(data)
-
-        def pause_reading(self) -> None:
-            self.reading = False
-
-        def resume_reading(self) -> None:
-            self.reading = True
-
-        def is_closing(self) -> bool:
-            return self.closed
-
-        def close(self) -> None:
-            self.closed = True
-
-        def get_extra_info(self, name: str, default: object = None) -> object:
-            return ("127.0.0.1", 8000) if name in ("sockname", "peername") else default
-
-    config = Config(app=bridge, http="httptools", loop="asyncio", log_config=None)
-    config.load()
-    loop = asyncio.new_event_loop()
-    try:
-        protocol = DataPlaneProtocol(config=config, server_state=ServerState(), app_state={}, _loop=loop,
-                                     limits=Limits(4094, 100, 8190))
-        transport = Transport()
-        protocol.connection_made(transport)
-        protocol.data_received(post(b"/v2/models/iris/infer", V2) * 2)
-        assert len(transport.written) == 2 and transport.reading  # answered as they came, by the protocol
-        protocol.pause_writing()  # the transport's buffer is full: the client does not read
-        protocol.data_received(post(b"/v2/models/iris/infer", V2))
-        assert len(transport.written) == 3 and not transport.reading  # this one answered, then no more read
-        protocol.resume_writing()
-        assert transport.reading and b'"setosa"' in transport.written[-1]
-        protocol.data_received(post(b"/v2/models/iris/infer", V2, b"Connection: close"))
-        assert transport.written[-1].count(b"connection: close") == 1 and transport.closed
-    finally:
-        loop.close()
 
 
 def test_a_worker_whose_master_is_killed_stops_rather_than_serve_on_as_an_orphan() -> None:
@@ -223,3 +125,24 @@ def test_a_worker_whose_master_is_killed_stops_rather_than_serve_on_as_an_orphan
             master.kill()
             master.wait()
         master.stderr.close()
+
+
+def test_a_body_that_trickles_past_the_deadline_is_cut_with_408_and_the_worker_serves_on(slow_body_server: str) -> None:
+    address = urlsplit(slow_body_server)
+    with socket.create_connection((address.hostname, address.port), timeout=10) as conn:
+        conn.sendall(post(b"/v1/models/iris:predict", IRIS)[:-10])  # the last bytes never come
+        answer = b""
+        while chunk := conn.recv(65536):  # until the server closes the connection
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower()
+    assert b"did not arrive within 1 s" in answer
+    assert exchange(slow_body_server, LIVE + b"Connection: close\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.fixture(scope="module")
+def slow_body_server() -> Iterator[str]:
+    """The web process with a one-second body deadline."""
+    from conftest import web_server
+
+    with web_server(REQUEST_BODY_TIMEOUT_S="1") as url:
+        yield url

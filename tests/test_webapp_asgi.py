@@ -1,4 +1,4 @@
-"""The ASGI bridge gunicorn serves: inference inline, other routes on threads, limits, headers."""
+"""The ASGI router gunicorn serves: cheap inference on the loop, the rest on threads, limits, headers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import gzip
 import http.client
 import threading
+import time
 from urllib.parse import urlsplit
 
 import orjson
@@ -32,8 +33,8 @@ def call(app, method: str, path: str, chunks: list[bytes], headers: list[tuple[b
     scope = {"type": "http", "method": method, "path": path, "query_string": query, "headers": list(headers),
              "http_version": "1.1", "scheme": "http", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5)}
     asyncio.run(app(scope, receive, send))
-    start, body = sent
-    return start["status"], dict(start["headers"]), body["body"]
+    start, *bodies = sent
+    return start["status"], dict(start["headers"]), b"".join(m.get("body", b"") for m in bodies)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,7 @@ def bridge():
     app = create_asgi_app({"TESTING": True, "max_request_bytes": 4096})
     yield app
     app.pool.shutdown()
+    app.wsgi.executor.shutdown()
 
 
 def test_inference_route_answers_like_the_flask_client(bridge, client):
@@ -53,13 +55,13 @@ def test_inference_route_answers_like_the_flask_client(bridge, client):
     assert orjson.loads(content) == client.post("/v1/models/iris:predict", json=IRIS).get_json()
 
 
-def test_inference_runs_on_the_loop_and_other_routes_on_the_pool(bridge, monkeypatch):
+def test_cheap_inference_runs_on_the_loop_and_the_rest_on_threads(bridge, monkeypatch):
     seen: dict[str, str] = {}
     respond, flask_call = bridge.dataplane.respond, bridge.flask.wsgi_app
 
-    def spy_respond(*args):
-        seen["respond"] = threading.current_thread().name
-        return respond(*args)
+    def spy_respond(route, call, checked=False):
+        seen[route.name] = threading.current_thread().name
+        return respond(route, call, checked)
 
     def spy_flask(*args):
         seen["flask"] = threading.current_thread().name
@@ -69,8 +71,12 @@ def test_inference_runs_on_the_loop_and_other_routes_on_the_pool(bridge, monkeyp
     monkeypatch.setattr(bridge.flask, "wsgi_app", spy_flask)
     assert call(bridge, "POST", "/v2/models/iris/infer", [b"{}"])[0] == 400
     assert call(bridge, "GET", "/v1/models", [b""])[0] == 200
-    assert seen["respond"] == threading.main_thread().name
-    assert seen["flask"].startswith("wsgi")
+    digit = {"instances": [[0.0] * 64]}
+    for model in ("digits-light", "digits-heavy"):  # takes images; cached: either may wait on I/O or decoding
+        assert call(bridge, "POST", f"/v1/models/{model}:predict", [orjson.dumps(digit)])[0] == 200
+    assert seen["iris"] == threading.main_thread().name
+    assert seen["digits-light"].startswith("infer") and seen["digits-heavy"].startswith("infer")
+    assert seen["flask"] != threading.main_thread().name
 
 
 def test_body_over_the_limit_is_refused_with_json_413(bridge):
@@ -121,14 +127,24 @@ def test_keep_alive_connection_serves_many_requests(live_server):
     connection.close()
 
 
-def test_the_lifespan_shutdown_closes_the_stores_redis_lines(redis_url: str):
-    eager = {"task_always_eager": True, "task_eager_propagates": True}
-    bridge = create_asgi_app({"TESTING": True, "redis_url": redis_url, "celery": eager})
-    stores = bridge.flask.extensions
-    assert call(bridge, "POST", "/v1/models/iris:submit", [orjson.dumps(IRIS)])[0] == 202
-    opened = list(stores["jobs"]._lines._lines)  # the pool thread's, which created the job
-    assert opened and all(line.connection._sock is not None for line in opened)
-    opened.append(stores["cache"].lines.get())
+def test_the_lifespan_shutdown_closes_the_stores_redis_connections(redis_url: str):
+    import redis
+
+    bridge = create_asgi_app({"TESTING": True, "redis_url": redis_url})
+    watcher = redis.Redis.from_url(redis_url)
+    watcher.client_setname("watcher")
+
+    db = watcher.get_connection_kwargs()["db"]
+
+    def connected() -> set[str]:
+        return {c["id"] for c in watcher.client_list() if c["name"] != "watcher" and int(c["db"]) == db}
+
+    before = connected()
+    assert call(bridge, "GET", "/v1/jobs/8a3b9f0e-6c1d-4e2a-9b7f-0d5e4c3b2a19", [b""])[0] == 404  # the job store's
+    digit = orjson.dumps({"instances": [[1.0] * 64]})
+    assert call(bridge, "POST", "/v1/models/digits-heavy:predict", [digit])[0] == 200  # the cache's
+    opened = connected() - before
+    assert opened
     messages = [{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}]
     sent: list[dict] = []
 
@@ -140,5 +156,8 @@ def test_the_lifespan_shutdown_closes_the_stores_redis_lines(redis_url: str):
 
     asyncio.run(bridge({"type": "lifespan"}, receive, send))
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
-    assert all(line.connection._sock is None for line in opened)
-    assert not stores["jobs"]._lines._lines and not stores["cache"].lines._lines
+    deadline = time.monotonic() + 5  # Redis sees a closed connection go a moment later
+    while opened & connected() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not opened & connected()
+    watcher.close()

@@ -1,39 +1,43 @@
-"""The inference routes (TF Serving `:predict`, V2 `/infer`), served in front of Flask's dispatch.
+"""The data plane: the inference routes (TF Serving `:predict`, V2 `/infer`) behind one seam for every transport.
 
-On small models the model costs a few microseconds and the web framework the rest of a request, so these
-two routes are answered by a plain WSGI layer: path match, body checks, the protocol codec, the one
-prediction entry point, the reply. It uses the same codecs, errors and status table as the Flask views;
-every other path goes on to Flask. Installed by `create_app` as `app.wsgi_app`, so the test client and any
-WSGI server take it; the ASGI bridge calls `DataPlane.respond` directly.
+`DataPlane.respond` takes what a transport read of a request (`Call`) and answers it: the caller's key and
+scope, the body checks, the protocol codec, the prediction (through the prediction cache for a model whose
+spec turns it on) and the reply, with every error mapped by the one status table. The ASGI router
+(`webapp.asgi`) calls it for the two routes without going through Flask; the Flask views of the same routes
+(`webapp.inference`, for the WSGI test client and any WSGI server) call it too, so both take one path.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import NamedTuple
 
 import orjson
-from werkzeug.wsgi import ClosingIterator
+import redis
+import sqlalchemy as sa
 
 import models
 from models import Registry, answer
-from tasks.cache import Outcome, PredictionCache
 from tasks.data import DataStore
 from webapp import data, v2_codec, wire
-from webapp.errors import BadRequest, PayloadTooLarge, RequestError, status_of
+from webapp.auth import Auth
+from webapp.cache import Outcome, PredictionCache
+from webapp.errors import status_of
 
 log = logging.getLogger(__name__)
-WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 Reply = tuple[int, bytes, str, dict[str, str]]
+"""Status, body, content type and further headers."""
 
 PREDICT = re.compile(r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>[0-9]{1,18}))?:predict")
 INFER = re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[0-9]{1,18}))?/infer")
 JSON = "application/json"
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-           413: "Content Too Large", 415: "Unsupported Media Type", 500: "Internal Server Error",
-           503: "Service Unavailable"}
+PREDICT_SCOPE = "predict"
+INLINE_MAX_BYTES = 16 * 1024
+"""Uncompressed bodies up to this size, for a model with no image input and no cache, are answered on the event
+loop: short, CPU-bound work (well under a millisecond) that a thread hand-off would cost more than. Anything
+else runs on a thread."""
 
 
 class Call(NamedTuple):
@@ -44,78 +48,72 @@ class Call(NamedTuple):
     content_type: str = ""
     content_encoding: str = ""
     header_length: str | None = None
+    authorization: str | None = None
 
 
-Route = tuple[Callable[["models.ModelVersion", Call], Reply], re.Match]
+class Route(NamedTuple):
+    """An inference route a path matched: its handler, and the model name and version in the path."""
+
+    handler: Callable[[models.ModelVersion, Call], Reply]
+    name: str
+    version: int | None
 
 
 class DataPlane:
-    """WSGI middleware answering the inference routes; everything else goes on to `fallback`."""
+    """Answers the inference routes of every transport."""
 
-    def __init__(self, registry: Registry, fallback: WSGIApp, max_body_bytes: int,
+    def __init__(self, registry: Registry, max_body_bytes: int, auth: Auth,
                  cache: PredictionCache | None = None, stored: DataStore | None = None):
-        self.registry, self.fallback, self.max_body_bytes = registry, fallback, max_body_bytes
+        self.registry, self.max_body_bytes, self.auth = registry, max_body_bytes, auth
         self.cache, self.stored = cache, stored
         self.routes = ((PREDICT, self.predict), (INFER, self.infer))
 
     def route(self, path: str) -> Route | None:
-        """The handler and path match of an inference route, or None for any other path."""
+        """The inference route of `path`, or None for any other path."""
         for pattern, handler in self.routes:
             match = pattern.fullmatch(path)
             if match:
-                return handler, match
+                version = match["version"]
+                return Route(handler, match["name"], int(version) if version else None)
         return None
 
-    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
-        route = self.route(environ.get("PATH_INFO", ""))
-        if route is None:
-            return self.fallback(environ, start_response)
+    def inline(self, route: Route, call: Call) -> bool:
+        """Whether the event loop may answer a request itself, being cheap and free of I/O: a small uncompressed
+        body for a model with no image input and no cache, naming no stored inputs, from a caller whose key is
+        checked in process (`Auth.check_at_once`). When it may, that check is done: `respond(..., checked=True)`."""
+        if len(call.body) > INLINE_MAX_BYTES or call.content_encoding or b"data_ids" in call.body:
+            return False  # a few KiB of gzip inflate to MAX_REQUEST_BYTES
         try:
-            call = Call(
-                environ["REQUEST_METHOD"], _read(environ, self.max_body_bytes),
-                environ.get("CONTENT_TYPE", ""), environ.get("HTTP_CONTENT_ENCODING", ""),
-                environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"),
-            )
-            status, body, content_type, extra = self.respond(route, call)
-        except RequestError as exc:
-            status, body, content_type, extra = exc.status, _error(str(exc)), JSON, {}
-        headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), *extra.items()]
-        start_response(f"{status} {REASONS.get(status, '')}", headers)
-        return ClosingIterator([body], self.after)  # the server closes it once the body is sent
+            spec = self.registry.get(route.name, route.version).spec
+        except models.ModelError:
+            return False  # answered on a thread with its error, after the key's check
+        if spec.takes_images or (self.cache is not None and spec.options.cache_ttl_s > 0):
+            return False
+        return self.auth.check_at_once(call.authorization, PREDICT_SCOPE)
 
-    def after(self) -> None:
-        """Once an answer has been sent: what the prediction cache left to do behind it (keep and store it)."""
-        if self.cache is not None:
-            self.cache.catch_up()
-
-    def respond(self, route: Route, call: Call) -> Reply:
-        """Answer one inference request; every error becomes its status and a JSON body."""
+    def respond(self, route: Route, call: Call, checked: bool = False) -> Reply:
+        """Answer one inference request (its caller's key already checked, with `checked`); every error becomes
+        its status and a JSON body."""
         if call.method != "POST":
             return 405, _error("use POST"), JSON, {"Allow": "POST"}
-        handler, match = route
-        version = match["version"]
         try:
-            found = self.registry.get(match["name"], int(version) if version else None)
-            return handler(found, call)
+            if not checked:
+                self.auth.check(call.authorization, PREDICT_SCOPE)
+            return route.handler(self.registry.get(route.name, route.version), call)
         except Exception as exc:
-            status = status_of(exc)
-            if status == 500 and not isinstance(exc, models.ModelError):
-                log.exception("unhandled error on %s", match.string)
-                return status, _error(f"internal error: {type(exc).__name__}"), JSON, {}
-            return status, _error(str(exc)), JSON, {}
+            return _failed(route, exc)
 
     def predict(self, found: models.ModelVersion, call: Call) -> Reply:
         """TensorFlow Serving REST: row or columnar JSON in, predictions or outputs out."""
-        inputs, rows = data.parse(self.stored, found, wire.json_object(self._body(call, binary_ok=False)))
+        body = wire.json_object(self._body(call, binary_ok=False), found.spec.max_request_values)
+        inputs, rows = data.parse(self.stored, found, body)
         outputs, headers = self._outputs(found, inputs)
-        wanted = found.spec.output_names
-        shaped = (answer.rows if rows else answer.columns)(outputs, wanted)
+        shaped = (answer.rows if rows else answer.columns)(outputs, found.spec.output_names)
         return 200, orjson.dumps(shaped, option=orjson.OPT_SERIALIZE_NUMPY), JSON, headers
 
     def infer(self, found: models.ModelVersion, call: Call) -> Reply:
         """Open Inference Protocol V2: JSON or binary tensors in and out."""
-        data = self._body(call, binary_ok=True)
-        parsed = v2_codec.parse(data, call.header_length, found)
+        parsed = v2_codec.parse(self._body(call, binary_ok=True), call.header_length, found)
         outputs, headers = self._outputs(found, parsed.inputs)
         body, header_length = v2_codec.response(found, parsed, outputs)
         if not header_length:
@@ -126,7 +124,7 @@ class DataPlane:
         """The prediction, through the prediction cache for a model whose spec turns it on."""
         if self.cache is None or found.spec.options.cache_ttl_s <= 0:
             return models.predict(found, inputs), {}
-        answered = self.cache.predict(found, inputs, behind=True)
+        answered = self.cache.predict(found, inputs)
         return answered.outputs, {"X-Cache": "HIT" if answered.outcome is Outcome.HIT else "MISS"}
 
     def _body(self, call: Call, binary_ok: bool) -> bytes:
@@ -135,22 +133,16 @@ class DataPlane:
         return wire.decode(call.body, call.content_encoding, self.max_body_bytes)
 
 
-def _read(environ: dict, limit: int) -> bytes:
-    """The body of a WSGI request, refusing one over `limit` bytes before reading it."""
-    stream, length = environ["wsgi.input"], environ.get("CONTENT_LENGTH") or ""
-    too_large = PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-    if length:
-        if not length.isdigit():
-            raise BadRequest("Content-Length must be a whole number")
-        if int(length) > limit:
-            raise too_large
-        return stream.read(int(length))
-    if not environ.get("wsgi.input_terminated"):
-        return b""
-    data = stream.read(limit + 1)
-    if len(data) > limit:
-        raise too_large
-    return data
+def _failed(route: Route, exc: Exception) -> Reply:
+    """The answer to a request that raised `exc`: its status and message, never a server's internals."""
+    status, headers = status_of(exc), getattr(exc, "headers", None) or {}
+    if isinstance(exc, sa.exc.DBAPIError | redis.RedisError):
+        log.warning("model %s: a backing store failed: %s", route.name, exc)
+        return 503, _error("a backing store is unavailable; retry shortly"), JSON, {"Retry-After": "5"}
+    if status == 500 and not isinstance(exc, models.ModelError):
+        log.exception("unhandled error on model %s", route.name)
+        return status, _error(f"internal error: {type(exc).__name__}"), JSON, headers
+    return status, _error(str(exc)), JSON, headers
 
 
 def _error(message: str) -> bytes:

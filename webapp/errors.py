@@ -60,6 +60,7 @@ STATUS: dict[type[Exception], int] = {
     models.InvalidInput: 400,
     models.InputTooLarge: 413,
     models.ModelNotReady: 503,
+    models.ModelFailed: 500,
     models.SpecError: 500,
 }
 

@@ -27,7 +27,7 @@ def submit(name: str, version: int | None = None) -> Response:
     if request.mimetype == "multipart/form-data":
         inputs, rows, callback = _uploads(found), True, request.form.get("callback_url")
     else:
-        body = wire.json_object(wire.read(request))
+        body = wire.json_object(wire.read(request), found.spec.max_request_values)
         callback = body.pop("callback_url", None)
         inputs, rows = data.parse(current_app.extensions["data"], found, body)  # or stored inputs, by id
     models.prepare(found, inputs, images=False)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import struct
 from typing import Any, NamedTuple
 
@@ -11,7 +10,7 @@ import orjson
 
 from models import ModelVersion
 from models.dtype import BY_V2, BYTES, DType
-from models.tensor import TensorSpec, from_values
+from models.tensor import TensorSpec, elements, from_values
 from webapp import wire
 from webapp.errors import BadRequest
 
@@ -32,7 +31,7 @@ class InferRequest(NamedTuple):
 def parse(data: bytes, header_length: str | None, version: ModelVersion) -> InferRequest:
     """Parse a JSON or JSON-plus-binary infer request against the version's inputs and outputs."""
     split = _header_length(header_length, len(data))
-    body = wire.json_object(data if split == len(data) else data[:split])
+    body = wire.json_object(data if split == len(data) else data[:split], version.spec.max_request_values)
     unknown = () if body.keys() <= FIELDS else set(body) - FIELDS
     if unknown:
         raise BadRequest(f"unknown field {sorted(unknown)[0]!r} in the infer request")
@@ -43,7 +42,8 @@ def parse(data: bytes, header_length: str | None, version: ModelVersion) -> Infe
     if not isinstance(binary_output, bool):
         raise BadRequest("parameter 'binary_data_output' must be a boolean")
     reader = _Binary(memoryview(data)[split:]) if split < len(data) else NO_BINARY
-    inputs = _inputs(body.get("inputs"), version, reader)
+    # every element takes at least a byte of the body: no shape may announce more
+    inputs = _inputs(body.get("inputs"), version, reader, len(data))
     reader.finish()
     outputs = _outputs(body.get("outputs"), version, binary_output)
     return InferRequest(request_id, inputs, outputs)
@@ -77,7 +77,7 @@ def _parameters(table: dict, where: str) -> dict:
     return parameters
 
 
-def _inputs(entries: object, version: ModelVersion, reader: _Binary) -> dict[str, np.ndarray]:
+def _inputs(entries: object, version: ModelVersion, reader: _Binary, limit: int) -> dict[str, np.ndarray]:
     if not isinstance(entries, list) or not entries:
         raise BadRequest("'inputs' must be a non-empty list of tensors")
     specs = version.spec.inputs_by_name
@@ -90,26 +90,35 @@ def _inputs(entries: object, version: ModelVersion, reader: _Binary) -> dict[str
             raise BadRequest(f"inputs[{i}]: unknown input {name!r}; inputs are {list(specs)}")
         if name in inputs:
             raise BadRequest(f"inputs[{i}]: input {name!r} given twice")
-        inputs[name] = _tensor(entry, specs[name], reader, specs[name].where)
+        inputs[name] = _tensor(entry, specs[name], reader, limit)
     return inputs
 
 
-def _tensor(entry: dict, spec: TensorSpec, reader: _Binary, where: str) -> np.ndarray:
-    shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise BadRequest(f"{where}: 'shape' must be a list of non-negative integers")
+def _tensor(entry: dict, spec: TensorSpec, reader: _Binary, limit: int) -> np.ndarray:
+    """One input's array; its shape is checked against the declaration before anything is sized by it."""
+    where = spec.where
     dtype = _datatype(entry.get("datatype"), spec, where)
+    shape = entry.get("shape")
+    count = elements(shape, spec, dtype.is_bytes and not spec.dtype.is_bytes, limit, where)
     size = _parameters(entry, where).get("binary_data_size")
     if size is not None:
         if "data" in entry:
             raise BadRequest(f"{where}: has both 'data' and binary_data_size")
         if type(size) is not int or size < 0:
             raise BadRequest(f"{where}: binary_data_size must be a non-negative integer")
-        return reader.tensor(size, dtype, shape, where)
+        return reader.tensor(size, dtype, shape, count, where)
     if "data" not in entry:
         raise BadRequest(f"{where}: 'data' is missing (or give parameters.binary_data_size)")
-    array = from_values(entry["data"], dtype, where)
-    if array.size != math.prod(shape) or (array.ndim > 1 and list(array.shape) != shape):
+    return _json_data(entry["data"], dtype, shape, count, where)
+
+
+def _json_data(data: object, dtype: DType, shape: list[int], count: int, where: str) -> np.ndarray:
+    """JSON `data`, flat or nested as the shape; its top-level length is checked before it is converted."""
+    length = len(data) if isinstance(data, list) else 1
+    if length != count and not (len(shape) > 1 and length == shape[0]):
+        raise BadRequest(f"{where}: data has {length} values at its top level, which does not fill shape {shape}")
+    array = from_values(data, dtype, where)
+    if array.size != count or (array.ndim > 1 and list(array.shape) != shape):
         raise BadRequest(f"{where}: data has {array.size} elements in shape {list(array.shape)}, "
                          f"which does not fill shape {shape}")
     return array.reshape(shape)
@@ -131,12 +140,11 @@ class _Binary:
     def __init__(self, data: memoryview):
         self.data, self.offset = data, 0
 
-    def tensor(self, size: int, dtype: DType, shape: list[int], where: str) -> np.ndarray:
+    def tensor(self, size: int, dtype: DType, shape: list[int], count: int, where: str) -> np.ndarray:
         if self.offset + size > len(self.data):
             raise BadRequest(f"{where}: binary_data_size {size} runs past the end of the body")
         chunk = self.data[self.offset:self.offset + size]
         self.offset += size
-        count = math.prod(shape)
         if dtype.is_bytes:
             return _split_bytes(chunk, count, where).reshape(shape)
         if size != count * dtype.numpy.itemsize:
@@ -153,17 +161,20 @@ NO_BINARY = _Binary(memoryview(b""))
 
 
 def _split_bytes(chunk: memoryview, count: int, where: str) -> np.ndarray:
+    """The `count` length-prefixed elements of a chunk, read no further than `count` (lengths may lie)."""
     items, offset = [], 0
-    while offset < len(chunk):
+    for _ in range(count):
         if offset + 4 > len(chunk):
             raise BadRequest(f"{where}: BYTES element length is truncated")
         (length,) = _LENGTH.unpack_from(chunk, offset)
-        if offset + 4 + length > len(chunk):
+        end = offset + 4 + length
+        if end > len(chunk):
             raise BadRequest(f"{where}: BYTES element runs past its binary_data_size")
-        items.append(bytes(chunk[offset + 4:offset + 4 + length]))
-        offset += 4 + length
-    if len(items) != count:
-        raise BadRequest(f"{where}: {len(items)} BYTES elements for a shape of {count}")
+        items.append(bytes(chunk[offset + 4:end]))
+        offset = end
+    if offset != len(chunk):
+        raise BadRequest(f"{where}: {len(chunk) - offset} bytes of binary_data_size are past the {count} BYTES "
+                         f"elements of its shape")
     array = np.empty(count, dtype=object)
     array[:] = items
     return array
