@@ -208,6 +208,19 @@ def predict_key(database_url: str) -> Iterator[str]:
         engine.dispose()
 
 
+def test_what_the_sql_store_cannot_hold_is_refused_not_retried(live_server: str, api: requests.Session) -> None:
+    png = io.BytesIO()
+    Image.new("L", (8, 8)).save(png, "PNG")
+    long_type = "image/" + "x" * 200  # over the store's content-type column
+    refused = api.post(f"{live_server}/v1/data", data=png.getvalue(), headers={"Content-Type": long_type}, timeout=10)
+    assert_refused(refused, 400, "content type")
+    huge = png.getvalue() + b"\0" * (9 << 20)  # over MAX_DATA_BYTES (8 MiB), under the body limit
+    refused = api.post(f"{live_server}/v1/data", data=huge, headers={"Content-Type": "image/png"}, timeout=30)
+    assert_refused(refused, 413, "bytes")
+    stored = api.post(f"{live_server}/v1/data", data=png.getvalue(), headers={"Content-Type": "image/png"}, timeout=10)
+    assert stored.status_code == 201, stored.text
+
+
 def test_a_request_needs_a_key_with_the_scope_and_within_its_rate(strict_server: str, api: requests.Session,
                                                                    predict_key: str) -> None:
     predict, key = f"{strict_server}/v1/models/iris:predict", {"Authorization": f"Bearer {predict_key}"}

@@ -37,6 +37,7 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=web_settings.max_request_bytes,
                       REQUEST_BODY_TIMEOUT_S=web_settings.request_body_timeout_s,
+                      MAX_DATA_BYTES=web_settings.max_data_bytes,
                       BATCH_MAX_ITEMS=task_settings.batch_max_items,
                       PREDICTION_CACHE=web_settings.prediction_cache, **overrides)
     _logging(web_settings.log_level)

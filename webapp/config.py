@@ -13,6 +13,8 @@ class WebSettings:
 
     max_request_bytes: int = 32 * 1024 * 1024
     """MAX_REQUEST_BYTES: largest request body, also once decompressed; larger bodies get 413."""
+    max_data_bytes: int = 8 * 1024 * 1024
+    """MAX_DATA_BYTES: largest raw input `POST /v1/data` stores; keep it under the database's packet limit."""
     request_body_timeout_s: float = 30.0
     """REQUEST_BODY_TIMEOUT_S: longest a request body may take to arrive, in all; slower gets 408."""
     log_level: str = "INFO"
@@ -33,6 +35,7 @@ class WebSettings:
         """Read the settings from environment variables, falling back to the defaults."""
         return cls(
             max_request_bytes=int(env.get("MAX_REQUEST_BYTES", cls.max_request_bytes)),
+            max_data_bytes=int(env.get("MAX_DATA_BYTES", cls.max_data_bytes)),
             request_body_timeout_s=float(env.get("REQUEST_BODY_TIMEOUT_S", cls.request_body_timeout_s)),
             log_level=env.get("LOG_LEVEL", cls.log_level).upper(),
             prediction_cache=env.get("PREDICTION_CACHE", "on").lower() not in ("off", "0", "false", "no"),

@@ -12,12 +12,14 @@ from flask import Blueprint, Response, current_app, request, url_for
 from models import ModelVersion, image, instances
 from tasks.data import DataStore
 from webapp import wire
-from webapp.errors import BadRequest
+from webapp.errors import BadRequest, PayloadTooLarge
 from webapp.repository import registry
 from webapp.responses import json_response
 
 bp = Blueprint("data", __name__)
 MAX_IDS = 1000
+CONTENT_TYPE_MAX = 100
+"""The length of the SQL store's content-type column."""
 
 
 @bp.post("/v1/data")
@@ -35,11 +37,21 @@ def put() -> Response:
         ), request.mimetype
     else:
         kind, content, content_type = _json_input(wire.json_object(wire.read(request)))
+    _check_storable(content, content_type)
     if kind == "image":
         image.identify(content)
     record = _store().put(kind, content, content_type)
     location = url_for("data.get", data_id=record["data_id"])
     return json_response(record, 201, {"Location": location})
+
+
+def _check_storable(content: bytes, content_type: str) -> None:
+    """Refuse what the SQL store cannot hold: a content type over its column, a blob over MAX_DATA_BYTES."""
+    limit = current_app.config["MAX_DATA_BYTES"]
+    if len(content) > limit:
+        raise PayloadTooLarge(f"a stored input may have at most {limit} bytes, this one has {len(content)}")
+    if len(content_type) > CONTENT_TYPE_MAX or not content_type.isascii() or not content_type.isprintable():
+        raise BadRequest(f"the content type must be printable ASCII of at most {CONTENT_TYPE_MAX} characters")
 
 
 @bp.get("/v1/data/<data_id>")
