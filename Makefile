@@ -52,7 +52,7 @@ bench-batch: install ## Run the batch benchmark: a run over 200,000 rows on Mari
 	$(BIN)/python -m bench.batch
 
 .PHONY: bench-cache
-bench-cache: install ## Run the prediction-cache benchmark: hits, misses and no cache on digits-heavy (needs Redis)
+bench-cache: install ## Run the prediction-cache benchmark: hits, misses and no cache on digits-heavy and iris (needs Redis)
 	$(BIN)/python -m bench.cache
 
 .PHONY: lock

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKERS = 2
 GUNICORN = [sys.executable, "-m", "gunicorn"]
 QUIET = {"LOG_LEVEL": "warning", "ORT_INTRA_OP_THREADS": "1"}
-NEVER_REFUSED = "1000000/second"
-"""The keyed server's RATE_LIMIT: counted on every request, never reached."""
+NEVER_REFUSED = "1000000000/second"
+"""The rate of the keyed server's key (and its RATE_LIMIT): taken from Redis in leases, never reached."""
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,10 @@ def ours(port: int, scratch: Path, redis_url: str, **env: str) -> Server:
 
 
 def keyed(port: int, scratch: Path, redis_url: str) -> Server:
-    """Our platform with API keys on, a key made for the run, and a rate limit never reached."""
-    server = ours(port, scratch, redis_url, API_KEYS="on", RATE_LIMIT=NEVER_REFUSED)
+    """Our platform with API keys on and a key made for the run, with a rate never reached, in a scratch database
+    of its own (deleted with the run's scratch folder: a key never lands in a shared database)."""
+    server = ours(port, scratch, redis_url, API_KEYS="on", RATE_LIMIT=NEVER_REFUSED,
+                  DATABASE_URL=f"sqlite:///{scratch / 'keys.db'}")
     token = api_key(server.env)
     return Server(server.argv, server.env, headers={"Authorization": f"Bearer {token}"})
 
@@ -96,8 +98,10 @@ def mlserver_(port: int, scratch: Path) -> Server:
 
 
 def api_key(env: dict[str, str]) -> str:
-    """A new key with the `predict` scope in the server's database, made by `python -m webapp.keys`."""
-    argv = [sys.executable, "-m", "webapp.keys", "create", "--scope", "predict", "--name", "bench-http"]
+    """A new key with the `predict` scope and a rate never reached, in the server's database, made by
+    `python -m webapp.keys`."""
+    argv = [sys.executable, "-m", "webapp.keys", "create", "--scope", "predict", "--name", "bench-http",
+            "--rate", NEVER_REFUSED]
     done = subprocess.run(argv, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{done.stderr}")

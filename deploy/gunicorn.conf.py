@@ -6,6 +6,8 @@ sessions after fork (post_worker_init), so a broken artefact shows in the log at
 
 import gc
 import os
+import shutil
+import tempfile
 
 from models import Registry, Settings
 
@@ -25,6 +27,11 @@ timeout = 60
 graceful_timeout = 20
 accesslog = os.environ.get("ACCESS_LOG") or None
 loglevel = os.environ.get("LOG_LEVEL", "info").lower()
+# the workers write their metrics to files there (prometheus-client's multiprocess mode), which GET /metrics
+# adds up: a directory of this server's own, made for it when none is given, emptied at start
+metrics_dir_made = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if metrics_dir_made:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="web-metrics-")
 # processes x onnxruntime threads must not exceed the cores, or they fight over them
 os.environ.setdefault("ORT_INTRA_OP_THREADS", str(max(1, cores // workers)))
 
@@ -45,3 +52,24 @@ def post_worker_init(worker) -> None:
     worker.wsgi.flask.extensions["registry"].warm()
     gc.collect()
     gc.freeze()
+
+
+def on_starting(server) -> None:
+    """Empty the metrics directory of an earlier run's files; format the master's log lines as LOG_FORMAT says."""
+    from tasks import logs, metrics  # here, once PROMETHEUS_MULTIPROC_DIR is set: prometheus-client reads it on import
+
+    metrics.prepare_directory()
+    logs.configure([server.log.error_log, server.log.access_log])
+
+
+def child_exit(server, worker) -> None:
+    """Let a worker that exited stop counting as live; what it counted stays in the sums."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server) -> None:
+    """Remove the metrics directory made for this server."""
+    if metrics_dir_made:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -56,12 +56,15 @@ class Fields:
         return value
 
     def number(
-        self, key: str, default: float | None = None, minimum: float | None = None, required: bool = False
+        self, key: str, default: float | None = None, minimum: float | None = None, required: bool = False,
+        maximum: float | None = None,
     ) -> Any:
-        """A number field (integer or float), at least `minimum` when given."""
+        """A number field (integer or float), at least `minimum` and at most `maximum` when given."""
         value = self._get(key, (int, float), default, required)
         if value is not None and minimum is not None and value < minimum:
             raise self.fail(key, f"must be at least {minimum}, got {value}")
+        if value is not None and maximum is not None and value > maximum:
+            raise self.fail(key, f"must be at most {maximum}, got {value}")
         return None if value is None else float(value)
 
     def list(self, key: str, required: bool = False) -> list[Any]:

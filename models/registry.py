@@ -95,6 +95,8 @@ class Registry:
         self._problems: dict[str, str] = {}
         self._scanned = -float("inf")
         self._lock = threading.Lock()
+        self.watchers: list[Callable[[dict[str, Model]], None]] = []
+        """Told the models, by name, after each scan, on the scanning thread (tables kept beside the registry)."""
 
     def get(self, name: str, version: int | None = None) -> ModelVersion:
         """A model version by name; ModelNotFound or VersionNotFound when absent."""
@@ -166,6 +168,8 @@ class Registry:
                     log.error("model repository: %s", message)
             self._models, self._pipelines, self._ensembles = models, pipelines, ensembles
             self._problems = problems
+            for watch in self.watchers:
+                watch(models)
         finally:
             self._lock.release()
 

@@ -9,10 +9,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from models import dtype, image, postprocess
+from models import dtype, image, monitoring, postprocess, routing
 from models.dtype import DType
 from models.errors import SpecError
 from models.fields import Fields
+from models.monitoring import Monitoring
 from models.tensor import TensorSpec
 
 SPEC_FILE = "model.toml"
@@ -35,6 +36,24 @@ class Options:
     """Longest a queued job waits for others to fill a batch."""
     max_instances: int = 10_000
     """Most rows one request may carry."""
+
+
+@dataclass(frozen=True)
+class ServingLimits:
+    """What one model takes before its requests are refused or sent to its fallback (the `[limits]` table)."""
+
+    max_concurrency: int | None = None
+    """Most requests of the model one web process serves at once; past it, 429 or the fallback's answer."""
+    max_queue_depth: int | None = None
+    """Most jobs of the model waiting in its queue; past it, `:submit` answers 429."""
+    fallback: str | None = None
+    """The model (taking the same inputs) that answers when this one sheds or its circuit is open."""
+    retry_after_s: int = 1
+    """The `Retry-After` of a request or job refused for the model's concurrency or queue depth."""
+    breaker_failures: int | None = None
+    """Model failures in a row that open the model version's circuit; None: no circuit."""
+    breaker_reset_s: float = 30.0
+    """Seconds an open circuit refuses before it lets a trial request through."""
 
 
 @dataclass(frozen=True)
@@ -61,6 +80,12 @@ class ModelSpec:
     default_version: int | None = None
     options: Options = field(default_factory=Options)
     evaluation: Evaluation | None = None
+    limits: ServingLimits | None = None
+    """None when the spec declares no `[limits]`: the model is never refused for its load."""
+    monitoring: Monitoring = field(default_factory=Monitoring)
+    """The `[monitoring]` table: the prediction log's sampling, outliers and drift."""
+    routing: routing.Routing | None = None
+    """The `[routing]` table: splits, rules and shadows; None (the default version serves) when absent."""
 
     @functools.cached_property
     def input_names(self) -> frozenset[str]:
@@ -136,6 +161,9 @@ def parse(name: str, path: Path, top: Fields) -> ModelSpec:
         default_version=top.int("default_version", minimum=1),
         options=_options(top.sub("options")),
         evaluation=_evaluation(top.sub("evaluation")),
+        limits=_limits(name, top.sub("limits")),
+        monitoring=monitoring.parse(top.sub("monitoring")),
+        routing=routing.parse(name, top.sub("routing")),
     )
     top.done()
     _check_names(top, "inputs", inputs)
@@ -219,6 +247,25 @@ def _evaluation(t: Fields) -> Evaluation | None:
     )
     t.done()
     return evaluation
+
+
+def _limits(name: str, t: Fields) -> ServingLimits | None:
+    if not t.table:
+        return None
+    limits = ServingLimits(
+        max_concurrency=t.int("max_concurrency", minimum=1),
+        max_queue_depth=t.int("max_queue_depth", minimum=1),
+        fallback=t.str("fallback"),
+        retry_after_s=t.int("retry_after_s", 1, minimum=1),
+        breaker_failures=t.int("breaker_failures", minimum=1),
+        breaker_reset_s=t.number("breaker_reset_s", 30.0, minimum=0.001),
+    )
+    t.done()
+    if limits.fallback is not None and (not NAME.match(limits.fallback) or limits.fallback == name):
+        raise t.fail("fallback", "must name another model")
+    if limits.breaker_failures is None and "breaker_reset_s" in t.table:
+        raise t.fail("breaker_reset_s", "needs breaker_failures")
+    return limits
 
 
 def _check_names(top: Fields, key: str, tensors: tuple[TensorSpec, ...]) -> None:

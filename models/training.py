@@ -1,7 +1,9 @@
 """Train the reference models from data sets that ship inside scikit-learn and export them to ONNX.
 
 Run `make models` (or `python -m models.training`). Needs the `train` extra; nothing is downloaded.
-Each model's held-out accuracy is measured on the exported ONNX artefact and written into its spec.
+Each model's held-out accuracy is measured on the exported ONNX artefact and written into its spec, and the
+statistics of its training inputs beside the artefact (`reference.json`: drift and outliers are judged by them).
+`--reference-only` writes those statistics alone, leaving the models and their specs as they are.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models import reference
+from models import spec as specs
 from models.config import PACKAGE_DIR
 from models.spec import Evaluation
 
@@ -152,7 +156,18 @@ def build(recipe: Recipe, root: Path) -> float:
     (folder / "1").mkdir(parents=True, exist_ok=True)
     (folder / "1" / "model.onnx").write_bytes(onnx_bytes)
     (folder / "model.toml").write_text(spec_text(recipe, input_name, x_train.shape[1], score))
+    write_reference(recipe, root)
     return score
+
+
+def write_reference(recipe: Recipe, root: Path) -> Path:
+    """Write the statistics of a model's training inputs (the split it was trained on, before any augmenting)
+    beside its artefact; answer the file's path."""
+    x_train, _, _, _ = held_out(Evaluation(recipe.dataset, 0.0, positive_class=recipe.positive_class))
+    folder = root / recipe.name
+    path = folder / "1" / reference.FILE
+    path.write_text(reference.to_json(reference.compute(x_train, reference.feature_names(specs.load(folder)))))
+    return path
 
 
 def spec_text(recipe: Recipe, input_name: str, features: int, score: float) -> str:
@@ -204,9 +219,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("names", nargs="*", help="models to build (default: all)")
     parser.add_argument("--root", type=Path, default=PACKAGE_DIR, help="repository root")
+    parser.add_argument("--reference-only", action="store_true",
+                        help="write only the reference statistics, from the training data; retrain nothing")
     args = parser.parse_args()
     for recipe in RECIPES:
-        if not args.names or recipe.name in args.names:
+        if args.names and recipe.name not in args.names:
+            continue
+        if args.reference_only:
+            print(f"{recipe.name}: wrote {write_reference(recipe, args.root)}")
+        else:
             print(f"{recipe.name}: held-out accuracy {build(recipe, args.root):.4f}")
 
 

@@ -7,16 +7,20 @@ from typing import Any
 
 from celery import Celery
 
-from tasks import schedule
+from tasks import logs, metrics, monitoring, schedule
 from tasks.config import TaskSettings
+from tasks.prediction_log import LogSettings
 
-QUEUES = ("prep", "predict", "callbacks", "batch")
+QUEUES = ("prep", "predict", "callbacks", "batch", "shadow")
+SIGNAL_HANDLERS = (logs, metrics)
+"""Modules every process of the app needs for their Celery signal handlers: log lines, metrics endpoints."""
 
 
 def create_celery(settings: TaskSettings | None = None, overrides: Mapping[str, Any] | None = None) -> Celery:
     """A configured Celery app; `overrides` sets Celery options directly (tests use eager mode)."""
     settings = settings or TaskSettings.from_env()
-    app = Celery("platform", include=["tasks.inference", "tasks.callbacks", "tasks.batch"])
+    app = Celery("platform", include=["tasks.inference", "tasks.callbacks", "tasks.batch", "tasks.shadow",
+                                       "tasks.monitoring"])
     app.config_from_object(celery_config(settings))
     app.conf.update(overrides or {})
     return app
@@ -62,6 +66,7 @@ def celery_config(settings: TaskSettings) -> dict[str, Any]:
             "purge-expired": {"task": "purge_expired", "schedule": settings.purge_interval_s,
                               "options": {"queue": "batch"}},
             **{f"batch-run-{e.model}": e.beat for e in schedule.parse(settings.batch_schedule)},
+            **monitoring.beat_entries(LogSettings.from_env()),
         },
     }
 

@@ -24,10 +24,11 @@ from celery import Celery, Task, shared_task
 
 import models
 from models.batch import predict_json
-from tasks import outage, retention, schedule
+from tasks import outage, prediction_log, retention, schedule
 from tasks.config import TaskSettings
 from tasks.db import now
 from tasks.items import RUNNING, Claimed, Span
+from tasks.prediction_log import LogSettings
 from tasks.resources import engine, items, registry, runs
 from tasks.runs import Run, RunRefused
 
@@ -78,6 +79,7 @@ def chunk(task: Task, run_id: int, ids: Span, lost: bool) -> dict[str, Any]:
     held = store.reclaim(run.model, span, token, count=lost) if task.request.retries else []
     claimed = held + store.claim(run.id, run.model, span, token, chunk_rows() - len(held))
     predictions, errors = _predict(run.model, claimed)
+    prediction_log.log_items(registry(), run.model, claimed, predictions)
     progress = store.finish(run.id, token, predictions, errors)
     if progress.complete or not claimed:
         runs().finish_if_done(run.id)
@@ -94,10 +96,11 @@ def batch_reconcile(self: Task) -> dict[str, int]:
 
 @shared_task(name="purge_expired", bind=True, ignore_result=True)
 def purge_expired(self: Task) -> dict[str, int]:
-    """Delete finished batch items and runs, and stored inputs, past their retention."""
+    """Delete finished batch items and runs, stored inputs, and logged predictions, past their retention."""
     settings = TaskSettings.from_env()
     purged = outage.skipped("purge", lambda: retention.purge(
-        engine(), settings.batch_retention_days, settings.data_retention_days, settings.task_time_limit_s / 2))
+        engine(), settings.batch_retention_days, settings.data_retention_days, settings.task_time_limit_s / 2,
+        log_days=LogSettings.from_env().retention_days))
     log.info("purged rows past their retention: %s", purged)
     return purged
 

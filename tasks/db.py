@@ -108,6 +108,47 @@ api_keys = sa.Table(
 """API keys of the web API: the SHA-256 of each token's secret (never the token), its space-separated
 scopes, and its rate (`limits` notation; NULL: the server's default). A token names its row's id."""
 
+prediction_log = sa.Table(
+    "prediction_log", metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("uid", sa.String(24), nullable=False, unique=True),
+    sa.Column("model", sa.String(100), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("source", sa.String(8), nullable=False),
+    sa.Column("request_id", sa.String(100), nullable=False),
+    sa.Column("created_at", Time, nullable=False),
+    sa.Column("latency_ms", sa.Double),
+    sa.Column("row_count", sa.Integer, nullable=False),
+    sa.Column("digest", sa.String(40), nullable=False),
+    sa.Column("inputs", Json),
+    sa.Column("outputs", Json, nullable=False),
+    sa.Column("outlier", sa.Boolean, nullable=False),
+    sa.Column("outliers", Json),
+    sa.Index(None, "model", "created_at"),
+    sa.Index(None, "created_at"),
+    sa.Index(None, "request_id"),
+)
+"""Sampled predictions (sync, job, batch), one row per request, job or item: when and how fast, the input features
+(JSON, or NULL when only their digest is kept), the outputs, and the rows flagged as outliers. `uid` is made with
+the record, so a record written twice (drained again after a worker was lost) is stored once."""
+
+drift_checks = sa.Table(
+    "drift_checks", metadata,
+    sa.Column("id", Id, primary_key=True, autoincrement=True),
+    sa.Column("model", sa.String(100), nullable=False),
+    sa.Column("version", sa.Integer, nullable=False),
+    sa.Column("row_count", sa.Integer, nullable=False),
+    sa.Column("threshold", sa.Double, nullable=False),
+    sa.Column("psi", Json, nullable=False),
+    sa.Column("worst", sa.Double, nullable=False),
+    sa.Column("alert", sa.Boolean, nullable=False),
+    sa.Column("checked_at", Time, nullable=False),
+    sa.Index(None, "model", "version", "id"),
+    sa.Index(None, "checked_at"),
+)
+"""One row per drift check of a model version: the rows compared, the PSI of each feature (JSON), the worst of
+them, and whether it passed the spec's threshold."""
+
 
 def create_engine(url: str, timeout_s: float | None = None) -> sa.Engine:
     """An engine for `url`: read-committed on MySQL, WAL and a busy timeout on SQLite.

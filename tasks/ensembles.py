@@ -5,11 +5,17 @@ ensemble request records one job per member plus the ensemble's job (which lists
 member jobs off in parallel, and its answer is read from the members' records: each member succeeded,
 failed (with its reason) or, past the ensemble's member timeout, timed out; the aggregate is made from
 those that answered. Partial answers are answers, never an error.
+
+A member whose spec declares `breaker_failures` has a circuit in the web process (`tasks.circuits`): it opens
+after that many member answers in a row failed or timed out, and while it is open the member's job is not sent
+but failed at once, saying so, and the aggregate is made from the others.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -19,6 +25,7 @@ import models
 from models import answer, ensemble
 from models.ensemble import EnsembleSpec
 from models.tensor import pack, unpack
+from tasks.circuits import Circuit, Circuits
 from tasks.jobs import Job, JobStore
 from tasks.status import JobStatus
 
@@ -34,8 +41,10 @@ def member_queues(specs: list[EnsembleSpec]) -> list[str]:
 
 
 def fan_out(app: Celery, store: JobStore, spec: EnsembleSpec, versions: dict[str, models.ModelVersion],
-            inputs: dict[str, np.ndarray], shape: str, request_id: str) -> Job:
-    """Record and send one job per member, and record the ensemble's job that lists them."""
+            inputs: dict[str, np.ndarray], shape: str, request_id: str,
+            skipped: Mapping[str, float] | None = None) -> Job:
+    """Record and send one job per member, and record the ensemble's job that lists them; the job of a member
+    in `skipped` (its circuit open, for so many seconds more) is failed, not sent."""
     packed, members = pack(inputs), {}
     for name in spec.members:
         version = versions[name]
@@ -43,9 +52,41 @@ def fan_out(app: Celery, store: JobStore, spec: EnsembleSpec, versions: dict[str
         members[name] = job.id
     ensemble_job, _ = store.create(spec.name, 0, b"", shape, request_id=request_id, members=members)
     headers = {"request_id": request_id}
+    skipped = skipped or {}
     for name, job_id in members.items():
-        app.tasks["predict"].apply_async(args=[job_id], queue=member_queue(name), headers=headers)
+        if name in skipped:
+            store.fail(job_id, f"not sent: member {name!r} keeps failing and its circuit is open "
+                               f"for {math.ceil(skipped[name])} s more")
+        else:
+            app.tasks["predict"].apply_async(args=[job_id], queue=member_queue(name), headers=headers)
     return ensemble_job
+
+
+def member_circuit(circuits: Circuits, version: models.ModelVersion) -> Circuit | None:
+    """The circuit of a member version, if its spec declares one."""
+    limits = version.spec.limits
+    if limits is None or limits.breaker_failures is None:
+        return None
+    return circuits.get(f"member {version.key}", limits.breaker_failures, limits.breaker_reset_s)
+
+
+def shut(circuits: Circuits, versions: dict[str, models.ModelVersion]) -> dict[str, float]:
+    """The members whose circuit is open, with the seconds each stays so."""
+    waits = {name: (c.retry_after() if (c := member_circuit(circuits, v)) else 0.0) for name, v in versions.items()}
+    return {name: wait for name, wait in waits.items() if wait > 0}
+
+
+def record(circuits: Circuits, versions: dict[str, models.ModelVersion], result: dict[str, Any],
+           skipped: Mapping[str, float]) -> None:
+    """Tell each sent member's circuit whether it answered: failing and timing out count against it."""
+    for name, part in result["members"].items():
+        circuit = member_circuit(circuits, versions[name])
+        if circuit is None or name in skipped:
+            continue
+        if part["status"] == "succeeded":
+            circuit.succeeded()
+        else:
+            circuit.failed(models.ModelFailed(part["error"]))
 
 
 def outcome(store: JobStore, spec: EnsembleSpec, job: Job, labels: dict[str, tuple[str, ...]]) -> dict[str, Any] | None:

@@ -26,6 +26,7 @@ from celery.signals import task_failure
 
 import models
 from models.tensor import pack, unpack
+from tasks import metrics, prediction_log
 from tasks.jobs import Job
 from tasks.lanes import BatchQueue, Lane, dispatch, fill, hand_on, split
 from tasks.resources import batches, jobs, registry
@@ -59,7 +60,9 @@ def predict(self: Task, job_id: str) -> dict[str, str]:
     """Run one queued job; its outputs go to the job's record, the return value is a summary."""
 
     def work(job: Job, version: models.ModelVersion, inputs: dict[str, np.ndarray]) -> str:
-        jobs().succeed(job.id, pack(models.predict(version, inputs)))
+        outputs = models.predict(version, inputs)
+        jobs().succeed(job.id, pack(outputs))
+        prediction_log.log_job(version, job, inputs, outputs)
         _call_back(self, job.id, job.callback_url)
         return "succeeded"
 
@@ -153,9 +156,11 @@ def _run_batch(task: Task, found: models.ModelVersion, taken: list[str]) -> int:
             log.info("batch of %d jobs refused (%s); running them one by one", len(pairs), exc)
             results = [_alone(found, inputs) for _, inputs in pairs]
         outcomes |= {i: r if isinstance(r, str) else pack(r) for (i, _), r in zip(pairs, results, strict=True)}
+        prediction_log.log_batch(found, store, pairs, results)
     for job_id, callback_url, request_id in store.finish_many(list(outcomes.items())):
         log.info("request %s: job %s finished in a batch", request_id or "-", job_id)
         _call_back(task, job_id, callback_url)
+    metrics.batch_ran(store, found, len(pairs), outcomes)
     log.info("batch of %d jobs for %s version %d done", len(outcomes), found.name, found.number)
     return len(outcomes)
 
@@ -218,6 +223,7 @@ def _run_stage(task: Task, job_id: str, work: Work) -> dict[str, str]:
         store.fail(job_id, str(exc))
         _call_back(task, job.id, job.callback_url)
         status = f"failed: {exc}"
+    metrics.job_ended(job, status)
     log.info("request %s: job %s %s", request_id, job_id, status)
     return {"job_id": job_id, "status": status}
 

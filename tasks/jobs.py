@@ -176,6 +176,15 @@ class JobStore:
         """`inputs` for several jobs in one round trip."""
         return self.client.mget([_key(i, "inputs") for i in job_ids]) if job_ids else []
 
+    def queue_waits(self, job_ids: list[str]) -> list[float | None]:
+        """Seconds each job waited from its submission to its first start (None for one gone or not started),
+        in one round trip."""
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(_key(job_id), "created_at", "started_at")
+            replies = pipe.execute()
+        return [float(started) - float(created) if created and started else None for created, started in replies]
+
     def start(self, job_id: str) -> int:
         """Move a queued (or redelivered running) job to running: 1; 0 if it is finished or gone;
         -1 if it has now been started too often (a poison that kills workers) and was failed."""

@@ -1,7 +1,8 @@
 """Retention: what the SQL store deletes once it is old enough, a bounded batch of rows at a time.
 
 Finished batch items (`succeeded` or `failed`) and ended runs go `BATCH_RETENTION_DAYS` after they finished;
-stored inputs of the data cache `DATA_RETENTION_DAYS` after they were stored; 0 keeps them. A queued or
+stored inputs of the data cache `DATA_RETENTION_DAYS` after they were stored; logged predictions and drift checks
+`PREDICTION_LOG_RETENTION_DAYS` after they were made; 0 keeps them. A queued or
 running item and a queued or running run are never deleted. Each statement deletes at most `PURGE_ROWS`
 rows, chosen by a read that takes no locks and checked again by the DELETE, so a purge never holds a big
 table for long, and a row that changed in between (a failed item queued again by a run's start) stays.
@@ -15,7 +16,7 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
-from tasks.db import data, items, now, runs
+from tasks.db import data, drift_checks, items, now, prediction_log, runs
 from tasks.items import FAILED, QUEUED, RUNNING, SUCCEEDED
 
 PURGE_ROWS = 1000
@@ -39,8 +40,18 @@ def stored_inputs(before: datetime.datetime) -> list[sa.ColumnElement[bool]]:
     return [data.c.created_at < before]
 
 
+def logged_predictions(before: datetime.datetime) -> list[sa.ColumnElement[bool]]:
+    """Predictions logged before `before`."""
+    return [prediction_log.c.created_at < before]
+
+
+def drift_checked(before: datetime.datetime) -> list[sa.ColumnElement[bool]]:
+    """Drift checks made before `before`."""
+    return [drift_checks.c.checked_at < before]
+
+
 def purge(engine: sa.Engine, batch_days: float, data_days: float, budget_s: float,
-          rows: int = PURGE_ROWS) -> dict[str, int]:
+          rows: int = PURGE_ROWS, log_days: float = 0.0) -> dict[str, int]:
     """Delete what is past its retention, `rows` per statement, for at most about `budget_s` (the rest goes
     on the next purge); answer how many rows of each table went. A retention of 0 days keeps everything."""
     deadline = time.monotonic() + budget_s
@@ -48,6 +59,8 @@ def purge(engine: sa.Engine, batch_days: float, data_days: float, budget_s: floa
         ("batch_items", items, finished_items, items.c.created_at, batch_days),
         ("batch_runs", runs, ended_runs, runs.c.id, batch_days),
         ("data_items", data, stored_inputs, data.c.created_at, data_days),
+        ("prediction_log", prediction_log, logged_predictions, prediction_log.c.created_at, log_days),
+        ("drift_checks", drift_checks, drift_checked, drift_checks.c.checked_at, log_days),
     ]
     return {name: delete_oldest(engine, table, expired(now() - datetime.timedelta(days=days)), order, rows, deadline)
             for name, table, expired, order, days in plan if days > 0}

@@ -17,7 +17,7 @@ def submit(app: Celery, store: JobStore, queue: BatchQueue | None, version: mode
     its own `predict` task. The record and the lane push are one Redis round trip."""
     lane = Lane(version.name, version.number)
     images = models.has_encoded_images(version, inputs)
-    lanes = queue if queue is not None and not images and version.spec.options.max_batch_size > 1 else None
+    lanes = _lanes(queue, version, images)
     job, armed = store.create(version.name, version.number, pack(inputs), shape, callback_url, request_id,
                               lanes.push_for(lane) if lanes is not None else None)
     headers = {"request_id": request_id}
@@ -32,3 +32,19 @@ def submit(app: Celery, store: JobStore, queue: BatchQueue | None, version: mode
             lanes.disarm_now(lane)
         raise
     return job
+
+
+def waiting(store: JobStore, queue: BatchQueue | None, version: models.ModelVersion,
+            inputs: dict[str, np.ndarray]) -> int:
+    """How many jobs wait where a job of these inputs would go: the version's batch lane (its own jobs only),
+    else the Celery queue it is sent on, `prep` or `predict` (shared with every model it carries)."""
+    images = models.has_encoded_images(version, inputs)
+    lanes = _lanes(queue, version, images)
+    if lanes is not None:
+        return lanes.waiting(Lane(version.name, version.number))
+    return store.client.llen("prep" if images else "predict")  # kombu's Redis transport: a queue is a list
+
+
+def _lanes(queue: BatchQueue | None, version: models.ModelVersion, images: bool) -> BatchQueue | None:
+    """The batch queue a job goes through, or None when it is sent as a task of its own."""
+    return queue if queue is not None and not images and version.spec.options.max_batch_size > 1 else None

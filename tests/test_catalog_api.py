@@ -13,7 +13,7 @@ from models import spec
 from models.config import PACKAGE_DIR
 
 COMMITTED = ["digits-heavy", "digits-light", "iris", "iris-setosa", "iris-versicolor", "iris-virginica"]
-BLUEPRINTS = ("catalog", "tfserving", "v2")
+BLUEPRINTS = ("catalog", "tfserving", "v2", "monitoring", "experiments", "metrics")
 """The blueprints whose routes the OpenAPI document must describe."""
 
 

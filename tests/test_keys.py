@@ -284,13 +284,14 @@ def test_a_process_takes_a_fast_key_s_rate_in_leases_and_checks_it_without_io(
     auth = make_auth(mode="on")
     key, token = store.create(["predict"], rate_limit="1000/second")
     header = f"Bearer {token}"
-    assert not auth.check_at_once(header, "predict")  # not verified here yet: the key store must be read
+    assert auth.check_at_once(header, "predict") is None  # not verified here yet: the key store must be read
     auth.check(header, "predict")  # verified, and a lease of 10 taken from Redis (one of it spent)
     counted = redis.Redis.from_url(redis_url)
     window = [k for k in counted.scan_iter("LIMITS:*") if str(key.id).encode() in k]
     assert window and int(counted.get(window[0])) == 10  # the whole lease, counted at once
-    assert [auth.check_at_once(header, "predict") for _ in range(10)] == [True] * 9 + [False]  # spent: ask Redis
-    assert not auth.check_at_once(header, "submit")  # a scope it lacks is refused by the full check
+    checked = [auth.check_at_once(header, "predict") for _ in range(10)]
+    assert [c is not None and c.key_id == key.id for c in checked] == [True] * 9 + [False]  # spent: ask Redis
+    assert auth.check_at_once(header, "submit") is None  # a scope it lacks is refused by the full check
     counted.close()
 
 

@@ -63,11 +63,11 @@ def _wait(platform: Platform, url: str, auth: tuple[str, str] | None = None, tim
     pytest.fail(f"{url} did not answer in {timeout_s} s:\n{platform.output()[-4000:]}")
 
 
-def _launch(tmp_path: Path, redis_url: str | None) -> Iterator[Platform]:
+def _launch(tmp_path: Path, redis_url: str | None, **settings: str) -> Iterator[Platform]:
     web, flower = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
     env.update(BIND=f"127.0.0.1:{web}", FLOWER_PORT=str(flower), WEB_CONCURRENCY="1", VAR_DIR=str(tmp_path / "var"),
-               FLOWER_USER="ops", FLOWER_PASSWORD="s3cret")
+               FLOWER_USER="ops", FLOWER_PASSWORD="s3cret", **settings)
     if redis_url:
         env["REDIS_URL"] = redis_url
     log = tmp_path / "launch.log"
@@ -87,6 +87,12 @@ def _launch(tmp_path: Path, redis_url: str | None) -> Iterator[Platform]:
 def platform(tmp_path: Path) -> Iterator[Platform]:
     """The platform on the real Redis of the test machine."""
     yield from _launch(tmp_path, LAUNCH_REDIS_URL)
+
+
+@pytest.fixture
+def fragile_platform(tmp_path: Path) -> Iterator[Platform]:
+    """The platform on the real Redis, giving up at the first process that dies."""
+    yield from _launch(tmp_path, LAUNCH_REDIS_URL, LAUNCH_RESTARTS="0")
 
 
 @pytest.fixture
@@ -186,29 +192,79 @@ def test_make_run_serves_queues_and_shows_flower_then_stops_on_ctrl_c(platform: 
         assert f"starting {role}" in platform.output()
 
 
-def test_make_run_without_redis_url_starts_and_stops_its_own_redis(embedded_platform: Platform):
+def test_make_run_without_redis_url_starts_its_own_redis_again_should_it_die(embedded_platform: Platform):
     _wait(embedded_platform, f"{embedded_platform.web}/v2/health/ready")
     found = re.search(r"started a local Redis at (redis://\S+)", embedded_platform.output())
     assert found, embedded_platform.output()
     redis_url = found.group(1)
     assert redis_url != LAUNCH_REDIS_URL
-
     assert _queued_prediction(embedded_platform)["status"] == "succeeded"
+
+    first = _children(embedded_platform, "redis-server")
+    os.kill(first, signal.SIGKILL)  # a crash: what it held is in its append-only file
+    _started_again(embedded_platform, "redis-server", first)
+    assert "redis exited" in embedded_platform.output() and _port_open(redis_url)
+    assert _queued_prediction(embedded_platform, "after-redis-died")["status"] == "succeeded"
 
     assert _stop(embedded_platform) == 0
     assert not _port_open(redis_url)
 
 
-def test_make_run_stops_everything_when_one_process_dies(platform: Platform):
+def test_make_run_starts_a_process_that_dies_again(platform: Platform):
     _wait(platform, f"{platform.web}/v2/health/ready")
-    gunicorn = subprocess.run(["pgrep", "-f", f"gunicorn.*{ROOT}/deploy/gunicorn.conf.py"],
-                              capture_output=True, text=True).stdout.split()
-    masters = [pid for pid in gunicorn if _parent(int(pid)) == platform.process.pid]
-    assert len(masters) == 1
-    os.kill(int(masters[0]), signal.SIGKILL)
-    assert platform.process.wait(60) == 1
-    assert "web exited" in platform.output()
-    assert not _port_open(platform.flower)
+    master = _children(platform, "gunicorn")
+    workers = subprocess.run(["pgrep", "-P", str(master)], capture_output=True, text=True).stdout.split()
+    os.kill(master, signal.SIGKILL)  # its workers see it gone and stop; the launcher starts another master
+    _started_again(platform, "gunicorn", master)
+    for worker in map(int, workers):
+        _gone(worker)
+    _wait(platform, f"{platform.web}/v2/health/ready")
+    assert "web exited" in platform.output() and platform.process.poll() is None
+    assert _queued_prediction(platform, "after-web-died")["status"] == "succeeded"
+    assert _stop(platform) == 0
+
+
+def test_make_run_stops_everything_when_a_process_dies_too_often(fragile_platform: Platform):
+    _wait(fragile_platform, f"{fragile_platform.web}/v2/health/ready")
+    os.kill(_children(fragile_platform, "gunicorn"), signal.SIGKILL)
+    assert fragile_platform.process.wait(60) == 1
+    assert "web exited" in fragile_platform.output() and "stopping" in fragile_platform.output()
+    assert not _port_open(fragile_platform.flower)
+
+
+def _started_again(platform: Platform, command: str, dead: int, timeout_s: float = 60) -> int:
+    """Wait until the launcher's child running `command` is another process than `dead`; answer its pid."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = subprocess.run(["pgrep", "-f", command], capture_output=True, text=True).stdout.split()
+        children = [int(pid) for pid in found if _parent(int(pid)) == platform.process.pid and int(pid) != dead]
+        if children and not _alive(dead):
+            return children[0]
+        time.sleep(0.1)
+    pytest.fail(f"{command} was not started again in {timeout_s} s:\n{platform.output()[-3000:]}")
+
+
+def _gone(pid: int, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} still alive after {timeout_s} s"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` is a running process (not gone, nor a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _children(platform: Platform, command: str) -> int:
+    """The pid of the launcher's one child running `command`."""
+    found = subprocess.run(["pgrep", "-f", command], capture_output=True, text=True).stdout.split()
+    children = [int(pid) for pid in found if _parent(int(pid)) == platform.process.pid]
+    assert len(children) == 1, (command, children)
+    return children[0]
 
 
 def _parent(pid: int) -> int:

@@ -59,9 +59,9 @@ def test_cheap_inference_runs_on_the_loop_and_the_rest_on_threads(bridge, monkey
     seen: dict[str, str] = {}
     respond, flask_call = bridge.dataplane.respond, bridge.flask.wsgi_app
 
-    def spy_respond(route, call, checked=False):
+    def spy_respond(route, call, identity=None):
         seen[route.name] = threading.current_thread().name
-        return respond(route, call, checked)
+        return respond(route, call, identity)
 
     def spy_flask(*args):
         seen["flask"] = threading.current_thread().name

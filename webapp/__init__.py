@@ -17,12 +17,19 @@ from tasks.data import DataStore
 from tasks.items import ItemStore
 from tasks.jobs import JobStore
 from tasks.lanes import BatchQueue
+from tasks.metrics import MetricsSettings
 from tasks.runs import RunStore
-from webapp import batch, catalog, data, ensembles, errors, inference, jobs, pipelines, tfserving, v2
+from webapp import batch, catalog, data, ensembles, errors, guard, inference, jobs, pipelines, tfserving, v2
 from webapp.auth import Auth, install
 from webapp.cache import PredictionCache
 from webapp.config import WebSettings
 from webapp.dataplane import DataPlane
+from webapp.experiments import close as close_experiments
+from webapp.experiments import install as install_experiments
+from webapp.logs import install as install_logs
+from webapp.metrics import install as install_metrics
+from webapp.monitoring import close as close_monitoring
+from webapp.monitoring import install as install_monitoring
 
 
 def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
@@ -55,6 +62,11 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     cache = app.extensions["cache"]
     app.extensions["dataplane"] = DataPlane(registry, web_settings.max_request_bytes, auth,
                                             cache if web_settings.prediction_cache else None, app.extensions["data"])
+    guard.install(app)
+    install_experiments(app, app.extensions["dataplane"], task_settings.redis_url)  # [routing]: A/B, shadows
+    install_monitoring(app, engine, task_settings.redis_url)  # [monitoring]: the prediction log, drift
+    install_logs(app)  # [observability]: log lines as LOG_FORMAT says, with their request
+    install_metrics(app, app.extensions["dataplane"], _settings(MetricsSettings.from_env(), overrides))
     return app
 
 
@@ -80,6 +92,8 @@ def _logging(level: str) -> None:
 def close_app(app: Flask) -> None:
     """Close the Redis connections the app opened (the job store's, the prediction cache's, which the data
     store shares, the rate limiter's). The app is done serving: the ASGI router's shutdown, a test's teardown."""
+    close_experiments(app)
+    close_monitoring(app)
     app.extensions["jobs"].close()
     app.extensions["cache"].close()
     app.extensions["auth"].close()

@@ -21,15 +21,16 @@ from flask import Flask
 
 from webapp import close_app, create_app
 from webapp.dataplane import Call, DataPlane, Reply
+from webapp.wire import request_id
 
 log = logging.getLogger(__name__)
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
 CALL_HEADERS = {
-    b"content-type": "content_type",
-    b"content-encoding": "content_encoding",
-    b"inference-header-content-length": "header_length",
-    b"authorization": "authorization",
+    "content-type": "content_type",
+    "content-encoding": "content_encoding",
+    "inference-header-content-length": "header_length",
+    "authorization": "authorization",
 }
 
 
@@ -71,8 +72,9 @@ class Router:
             await self.wsgi(_with_length(scope, len(body)), _replay(body), send)
             return
         call = _call(scope, body)
-        if self.dataplane.inline(route, call):
-            reply = self.dataplane.respond(route, call, checked=True)
+        identity = self.dataplane.inline(route, call)
+        if identity is not None:
+            reply = self.dataplane.respond(route, call, identity)
         else:
             reply = await asyncio.get_running_loop().run_in_executor(self.pool, self.dataplane.respond, route, call)
         await _reply(send, reply)
@@ -121,11 +123,10 @@ def _header(scope: dict, name: bytes) -> str | None:
 
 def _call(scope: dict, body: bytes) -> Call:
     """What the data plane reads of a request (ASGI gives header names in lower case)."""
-    wanted = {}
-    for name, value in scope["headers"]:
-        if name in CALL_HEADERS:
-            wanted[CALL_HEADERS[name]] = value.decode("latin-1")
-    return Call(scope["method"], body, **wanted)
+    headers = {name.decode("latin-1"): value.decode("latin-1") for name, value in scope["headers"]}
+    wanted = {field: headers[name] for name, field in CALL_HEADERS.items() if name in headers}
+    return Call(scope["method"], body, **wanted, request_id=request_id(headers.get("x-request-id", "")),
+                headers=headers)
 
 
 def _with_length(scope: dict, length: int) -> dict:

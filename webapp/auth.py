@@ -3,7 +3,7 @@
 Keys are needed unless the server binds only loopback addresses and no key was ever created
 (`API_KEYS=auto`); `on` always needs them, `off` never, and is refused unless the bind is loopback.
 Whether a key exists is read again every `ttl_s`, and a verified token is remembered as long, so a
-checked request costs a dictionary lookup and the rate limiter's one Redis call, and no SQL.
+checked request costs a dictionary lookup and a count in its rate lease (`webapp.quota`), with no I/O.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import time
 from typing import NamedTuple
 
 import sqlalchemy as sa
-from cachetools import TTLCache
 from flask import Flask, Response, g, request
 
 from webapp.config import WebSettings
@@ -30,6 +29,8 @@ MODES = ("auto", "on", "off")
 CHALLENGE = 'Bearer realm="ml-serving-platform"'
 OPEN = frozenset({"v2.live", "v2.ready"})
 """Endpoints that never need a key: the health probes."""
+VERIFIED_MAX = 4096
+"""Tokens remembered at most (known and unknown alike), so random tokens cannot grow the memory."""
 DATA_PLANE = frozenset({"inference.infer"})
 """Endpoints whose requests the data plane checks itself (`predict`), so their rate is not counted twice."""
 ENDPOINT_SCOPES: dict[str, str | None] = {
@@ -37,6 +38,9 @@ ENDPOINT_SCOPES: dict[str, str | None] = {
     **dict.fromkeys(("catalog.index", "catalog.openapi_document", "tfserving.status", "tfserving.metadata",
                      "v2.server_metadata", "v2.model_metadata", "v2.model_ready"), None),
     "catalog.cache_stats": ADMIN,
+    "experiments.report": ADMIN,
+    "metrics.scrape": ADMIN,
+    **dict.fromkeys(("monitoring.log", "monitoring.drift"), ADMIN),
     **dict.fromkeys(("jobs.submit", "jobs.status", "jobs.cancel", "pipelines.predict", "ensembles.predict"), "submit"),
     **dict.fromkeys(("batch.register", "batch.item", "batch.list_items", "batch.trigger", "batch.run",
                      "batch.history"), "batch"),
@@ -126,7 +130,8 @@ class Auth:
         self.always, self.never = mode == "on" or not loopback, mode == "off"
         self.exists: bool | None = None
         self.recheck_at = 0.0
-        self.verified: TTLCache[str, Identity | None] = TTLCache(maxsize=4096, ttl=ttl_s, timer=time.monotonic)
+        self.verified: dict[str, tuple[Identity | None, float]] = {}
+        """Token -> (its identity, None if unknown; when to verify it again, monotonic), oldest first."""
         self.lock = threading.Lock()
 
     @classmethod
@@ -150,20 +155,20 @@ class Auth:
         """Whether requests need no key, known without reading the key store (so with no I/O)."""
         return self.never or (not self.always and self.exists is False and time.monotonic() < self.recheck_at)
 
-    def check_at_once(self, header: str | None, scope: str) -> bool:
-        """Check a caller with no I/O, if that can be done: True when keys are known to be off, or the caller's
-        key was verified lately, has `scope` and has room left in its rate's lease here (one request is
-        counted); False when the check needs the key store or Redis (nothing is counted; `check` then)."""
+    def check_at_once(self, header: str | None, scope: str) -> Identity | None:
+        """Check a caller with no I/O, if that can be done: its identity (ANONYMOUS when keys are known to be
+        off) when its key was verified lately, has `scope` and has room left in its rate's lease here (one
+        request is counted); None when the check needs the key store or Redis (nothing is counted; `check`)."""
         if self.known_off():
-            return True
+            return ANONYMOUS
         if not self.always and time.monotonic() >= self.recheck_at:
-            return False
+            return None
         scheme, _, token = (header or "").strip().partition(" ")
-        with self.lock:
-            found = self.verified.get(token.strip()) if scheme.lower() == "bearer" else None
-        if found is None or scope not in found.scopes:
-            return False
-        return self.quota.take(found.key_id, found.rate_limit)
+        entry = self.verified.get(token.strip()) if scheme.lower() == "bearer" else None  # entries replaced whole
+        if entry is None or time.monotonic() >= entry[1] or entry[0] is None or scope not in entry[0].scopes:
+            return None
+        found = entry[0]
+        return found if self.quota.take(found.key_id, found.rate_limit) else None
 
     def check(self, header: str | None, scope: str | None) -> Identity:
         """The caller sending this Authorization header, allowed `scope` (None: any key will do) and within its
@@ -183,16 +188,23 @@ class Auth:
     def identify(self, header: str | None) -> Identity:
         """The key a `Bearer` Authorization header carries; Unauthorized if none, or not a valid one."""
         token = _bearer(header)
-        with self.lock:
-            found = self.verified.get(token, False)
-        if found is False:
+        entry = self.verified.get(token)
+        if entry is not None and time.monotonic() < entry[1]:
+            found = entry[0]
+        else:
             key = self.keys.verify(token)
             found = None if key is None else Identity.of(key)
-            with self.lock:
-                self.verified[token] = found
+            self._remember(token, found)
         if found is None:
             raise Unauthorized("the API key is unknown or revoked", {"WWW-Authenticate": _invalid()})
         return found
+
+    def _remember(self, token: str, found: Identity | None) -> None:
+        with self.lock:
+            self.verified.pop(token, None)
+            while len(self.verified) >= VERIFIED_MAX:
+                del self.verified[next(iter(self.verified))]  # the oldest, so the first to expire (one ttl for all)
+            self.verified[token] = (found, time.monotonic() + self.ttl_s)
 
     def close(self) -> None:
         """Close the rate limiter's connections (the key store's engine belongs to the app)."""

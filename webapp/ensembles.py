@@ -11,7 +11,7 @@ from models import instances
 from models.ensemble import EnsembleSpec
 from tasks import ensembles
 from tasks.jobs import Job
-from webapp import wire
+from webapp import guard, wire
 from webapp.repository import registry, store
 from webapp.responses import json_response
 
@@ -27,12 +27,15 @@ def predict(name: str) -> Response:
     first = versions[spec.members[0]]
     inputs, rows = instances.parse(wire.json_object(wire.read(request)), first)
     models.prepare(first, inputs, images=False)
+    circuits, shut = guard.member_circuits(versions)
     job = ensembles.fan_out(current_app.extensions["celery"], store(), spec, versions, inputs,
-                            "rows" if rows else "columns", wire.request_id(request))
+                            "rows" if rows else "columns", wire.request_id(request.headers.get("X-Request-ID", "")),
+                            shut)
     result = ensembles.wait(store(), spec, job, _labels(spec))
     if result is None:
         location = url_for("jobs.status", job_id=job.id)
         return json_response({"job_id": job.id, "status_url": location}, 202, {"Location": location})
+    ensembles.record(circuits, versions, result, shut)
     return json_response(result)
 
 

@@ -90,7 +90,7 @@ def register(app: Flask) -> None:
 
 
 def _known(exc: Exception) -> Response:
-    return json_response({"error": str(exc)}, status_of(exc))
+    return json_response({"error": str(exc)}, status_of(exc), getattr(exc, "headers", None))
 
 
 def _queue_down(exc: Exception) -> Response:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, current_app, request
 
 from models import VersionNotFound
+from webapp import wire
 from webapp.dataplane import Call, DataPlane
 
 bp = Blueprint("inference", __name__)
@@ -24,9 +25,9 @@ def infer(name: str, version: int | None = None) -> Response:
     route = plane.route(request.path)
     if route is None:  # a version number past the data plane's 18 digits
         raise VersionNotFound(f"model {name!r} has no version {version}")
-    headers = request.headers
-    call = Call(request.method, request.get_data(cache=False), headers.get("Content-Type", ""),
-                headers.get("Content-Encoding", ""), headers.get("Inference-Header-Content-Length"),
-                headers.get("Authorization"))
+    headers = {name.lower(): value for name, value in request.headers.items()}
+    call = Call(request.method, request.get_data(cache=False), headers.get("content-type", ""),
+                headers.get("content-encoding", ""), headers.get("inference-header-content-length"),
+                headers.get("authorization"), wire.request_id(headers.get("x-request-id", "")), headers)
     status, body, content_type, extra = plane.respond(route, call)
     return Response(body, status, extra, content_type=content_type)

@@ -10,7 +10,7 @@ from flask import Blueprint, Response, current_app, request, url_for
 import models
 from models import instances
 from tasks import submission
-from webapp import data, ensembles, wire
+from webapp import data, ensembles, guard, wire
 from webapp.errors import BadRequest, Conflict
 from webapp.repository import registry, store
 from webapp.responses import json_response
@@ -31,7 +31,8 @@ def submit(name: str, version: int | None = None) -> Response:
         callback = body.pop("callback_url", None)
         inputs, rows = data.parse(current_app.extensions["data"], found, body)  # or stored inputs, by id
     models.prepare(found, inputs, images=False)
-    rid, extensions = wire.request_id(request), current_app.extensions
+    rid, extensions = wire.request_id(request.headers.get("X-Request-ID", "")), current_app.extensions
+    guard.check_queue(store(), extensions["batches"], found, inputs)
     job = submission.submit(extensions["celery"], store(), extensions["batches"], found, inputs,
                             "rows" if rows else "columns", wire.callback_url(callback), rid)
     log.info("request %s: job %s queued for %s version %d", rid, job.id, found.name, found.number)

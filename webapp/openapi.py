@@ -99,6 +99,7 @@ def document() -> dict[str, Any]:
     paths["/v1/jobs/{job_id}"] = {verb: {**op, "parameters": [JOB_ID]} for verb, op in job.items()}
     _batch(paths)
     _data(paths)
+    _operations(paths)
     _versioned(paths, "/v2/models/{name}", _get("Model metadata", obj, 404))
     _versioned(paths, "/v2/models/{name}", _get("Model readiness", obj, 404, 503), "/ready")
     _versioned(paths, "/v2/models/{name}", _post("Infer (Open Inference Protocol V2)", _schema("V2Infer"),
@@ -128,6 +129,26 @@ def _batch(paths: dict[str, Any]) -> None:
     paths["/v1/batch/runs"] = {**trigger, **history}
     paths["/v1/batch/runs/{run_id}"] = {"get": {**_get("A batch run's progress", obj, 404, 503)["get"],
                                                 "parameters": [RUN_ID]}}
+
+
+def _operations(paths: dict[str, Any]) -> None:
+    """The operations paths: the prediction log, drift checks, experiments, metrics."""
+    obj = {"type": "object"}
+    log = _get("Logged predictions of a model, newest first (`format=jsonl`: JSON lines)", obj, 400, 404, 503)
+    text = {"type": "string", "format": "date-time"}
+    query = (("version", {"type": "integer", "minimum": 1}), ("since", text), ("until", text),
+             ("request_id", {"type": "string"}), ("outlier", {"type": "boolean"}),
+             ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}), ("cursor", {"type": "string"}),
+             ("format", {"enum": ["json", "jsonl"]}))
+    log["get"]["parameters"] = [NAME, *({"name": n, "in": "query", "required": False, "schema": schema}
+                                        for n, schema in query)]
+    paths["/v1/models/{name}/log"] = log
+    for suffix, summary in (("drift", "The latest drift check of each version's inputs"),
+                            ("experiments", "Traffic, latency and shadow agreement per arm")):
+        paths[f"/v1/models/{{name}}/{suffix}"] = {"get": {**_get(summary, obj, 404, 503)["get"], "parameters": [NAME]}}
+    paths["/metrics"] = {"get": {"summary": "Prometheus metrics of the web process",
+                                 "responses": {"200": {"description": "Prometheus text format",
+                                                       "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
 
 
 def _data(paths: dict[str, Any]) -> None:

@@ -41,9 +41,10 @@ def predict(name: str) -> Response:
 def _queue(heavy: models.ModelVersion, inputs: dict, rows: bool, callback: str | None) -> dict[str, Any]:
     part: dict[str, Any] = {"model": heavy.name, "version": heavy.number}
     extensions = current_app.extensions
+    rid = wire.request_id(request.headers.get("X-Request-ID", ""))
     try:
         job = submission.submit(extensions["celery"], store(), extensions["batches"], heavy, inputs,
-                                "rows" if rows else "columns", callback, wire.request_id(request))
+                                "rows" if rows else "columns", callback, rid)
     except (redis.RedisError, kombu.exceptions.OperationalError) as exc:
         return part | {"error": f"the job queue is unavailable ({type(exc).__name__}); retry shortly"}
     return part | {"job_id": job.id, "status_url": url_for("jobs.status", job_id=job.id)}

@@ -129,9 +129,8 @@ def _callback_destinations() -> Destinations:
     return destinations
 
 
-def request_id(request: Request) -> str:
-    """The client's X-Request-ID when it is short and printable, else a new one."""
-    given = request.headers.get("X-Request-ID", "")
+def request_id(given: str) -> str:
+    """The client's X-Request-ID, `given`, when it is short and printable, else a new one."""
     if given and len(given) <= 128 and given.isprintable() and given.isascii():
         return given
     return uuid.uuid4().hex
