@@ -55,6 +55,11 @@ bench-batch: install ## Run the batch benchmark: a run over 200,000 rows on Mari
 bench-cache: install ## Run the prediction-cache benchmark: hits, misses and no cache on digits-heavy and iris (needs Redis)
 	$(BIN)/python -m bench.cache
 
+.PHONY: loadtest
+loadtest: install ## Run the load test: the whole platform under mixed Locust traffic, 20 users for 60 s (its own Redis, SQLite)
+	$(BIN)/pip install --quiet -c requirements.lock -e '.[test,bench]'
+	$(BIN)/python -m bench.loadtest
+
 .PHONY: lock
 lock: install ## Pin every dependency anew in requirements.lock (after a change to pyproject.toml)
 	$(BIN)/pip install --quiet -c requirements.lock pip-tools

@@ -1,9 +1,9 @@
 """What the metrics observer adds to a synchronous prediction, in process: `DataPlane.respond` on a one-row `iris`
-`:predict` with no observer (the baseline) and with `webapp.metrics.RequestMetrics`, in interleaved rounds; and
+`:predict` with no observer (the baseline) and with the metrics' `webapp.tally.Tally`, in interleaved rounds; and
 one observer call alone, on a record `respond` made.
 
-The observer writes prometheus-client's multiprocess files, as under gunicorn: the run sets
-PROMETHEUS_MULTIPROC_DIR to a scratch directory, deleted after. Keys are off, the cache is not involved (iris has
+The tally writes its totals to a file as under gunicorn: the run sets PROMETHEUS_MULTIPROC_DIR to a scratch
+directory, deleted after. Keys are off, the cache is not involved (iris has
 none). Prints the medians over the rounds, in microseconds, and the ratio. Run it as a module from the
 repository root (`python -m bench.observers --help`); it needs Redis and the SQL store only as the app does
 (`REDIS_URL`, `DATABASE_URL`), and sends them nothing on this path.
@@ -17,6 +17,7 @@ import shutil
 import statistics
 import tempfile
 import timeit
+from pathlib import Path
 
 from bench.targets import ROW
 
@@ -39,10 +40,11 @@ def measure(rounds: int, calls: int) -> tuple[list[float], list[float], float]:
     """Seconds a call of respond() took, per round, without and with the observer; and one observer call's."""
     from webapp import close_app, create_app
     from webapp.dataplane import Call
-    from webapp.metrics import RequestMetrics
+    from webapp.metrics import SECONDS
+    from webapp.tally import Tally
 
     app = create_app({"api_keys": "off"})
-    plane, observer = app.extensions["dataplane"], RequestMetrics()
+    plane, observer = app.extensions["dataplane"], Tally(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]), SECONDS)
     route = plane.route("/v1/models/iris:predict")
     call = Call("POST", b'{"instances": [%s]}' % str(ROW).encode(), "application/json")
     served = []
@@ -56,6 +58,7 @@ def measure(rounds: int, calls: int) -> tuple[list[float], list[float], float]:
         plane.observers[:] = [observer]
         with_.append(timeit.timeit(respond, number=calls) / calls)
     alone = min(timeit.repeat(lambda: observer(served[0]), number=calls, repeat=rounds)) / calls
+    observer.close()
     close_app(app)
     return without, with_, alone
 

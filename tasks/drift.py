@@ -2,7 +2,7 @@
 
 Each feature gets a population stability index (PSI) over the latest `drift_window` logged rows (a version that
 has logged fewer is not checked yet); a check alerts when some feature's PSI reaches the spec's `drift_threshold`.
-Checks are stored in `drift_checks`, and each PSI is set on the `model_input_drift_psi` gauge when
+Checks are stored in `drift_checks`, and each PSI is set on the `platform_model_input_drift_psi` gauge when
 prometheus-client is installed.
 """
 
@@ -26,7 +26,7 @@ try:
 except ImportError:  # the metrics are optional; the checks work without them
     PSI_GAUGE = None
 else:
-    PSI_GAUGE = Gauge("model_input_drift_psi", "Population stability index of a model version's latest logged "
+    PSI_GAUGE = Gauge("platform_model_input_drift_psi", "Population stability index of a model version's latest logged "
                       "inputs against its training data, per feature.", ["model", "version", "feature"],
                       multiprocess_mode="mostrecent")
 

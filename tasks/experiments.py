@@ -19,14 +19,14 @@ from prometheus_client import Counter, Gauge, Histogram
 PAYLOAD_TTL_S = 300
 """How long a mirrored request waits for its shadow task; the task expires with it."""
 LABELS = ["model", "version", "shadow"]
-AGREEMENT = Gauge("model_shadow_agreement_ratio", "Share of the compared rows on which the shadow agreed with the "
+AGREEMENT = Gauge("platform_shadow_agreement_ratio", "Share of the compared rows on which the shadow agreed with the "
                   "live version, since the experiment's counts began", LABELS, multiprocess_mode="mostrecent")
-COMPARED = Counter("model_shadow_compared_rows", "Rows a shadow answered and compared with the live version", LABELS)
-AGREED = Counter("model_shadow_agreed_rows", "Rows on which a shadow agreed with the live version", LABELS)
-FAILED = Counter("model_shadow_failures", "Mirrored requests a shadow could not answer or compare", LABELS)
-LATENCY = Histogram("model_shadow_latency_seconds", "A shadow's model time on one mirrored request", LABELS,
+COMPARED = Counter("platform_shadow_compared_rows", "Rows a shadow answered and compared with the live version", LABELS)
+AGREED = Counter("platform_shadow_agreed_rows", "Rows on which a shadow agreed with the live version", LABELS)
+FAILED = Counter("platform_shadow_failures", "Mirrored requests a shadow could not answer or compare", LABELS)
+LATENCY = Histogram("platform_shadow_latency_seconds", "A shadow's model time on one mirrored request", LABELS,
                     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
-DROPPED = Counter("model_shadow_dropped", "Live requests of a routed model neither counted nor mirrored: the "
+DROPPED = Counter("platform_shadow_dropped", "Live requests of a routed model neither counted nor mirrored: the "
                   "web process's hand-off queue was full, or the shadow queue's backlog past its bound", ["model"])
 Pipe = redis.client.Pipeline
 
@@ -74,7 +74,7 @@ class Experiments:
     def compared(self, model: str, version: int, shadow: str, rows: int, agreed: int, seconds: float,
                  live_seconds: float) -> float:
         """Record a shadow's answer to one request: rows compared and agreed, both model times. Answer the
-        agreement of every row compared so far, also set as the `model_shadow_agreement_ratio` gauge."""
+        agreement of every row compared so far, also set as the `platform_shadow_agreement_ratio` gauge."""
         key, field = shadows_key(model), f"{version}|{shadow}"
         with self.client.pipeline(transaction=False) as pipe:
             pipe.hincrby(key, f"{field}|runs", 1)

@@ -93,7 +93,7 @@ def prepare_directory() -> None:
     if multiprocess_mode():
         directory = Path(os.environ[MULTIPROCESS_DIR])
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob("*.db"):
+        for stale in (*directory.glob("*.db"), *directory.glob("tally-*.json")):
             stale.unlink(missing_ok=True)
 
 

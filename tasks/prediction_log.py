@@ -53,8 +53,8 @@ try:
 except ImportError:  # the metrics are optional; the log works without them
     RECORDS = None
 else:
-    RECORDS = Counter("prediction_log_records", "Prediction log records by outcome: sent to the stream, or dropped.",
-                      ["outcome"])
+    RECORDS = Counter("platform_prediction_log_records",
+                      "Prediction log records by outcome: sent to the stream, or dropped.", ["outcome"])
 
 
 @dataclass(frozen=True)

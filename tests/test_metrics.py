@@ -28,7 +28,7 @@ from deploy import launch
 from tasks import logs, metrics, submission
 from tasks.jobs import JobStore
 from tasks.status import JobStatus
-from webapp.metrics import RequestMetrics
+from webapp.tally import Tally
 
 METRICS_REDIS_URL = os.environ.get("TEST_METRICS_REDIS_URL", "redis://127.0.0.1:6379/5")
 IRIS = {"instances": [[5.1, 3.5, 1.4, 0.2]]}
@@ -122,21 +122,29 @@ def test_the_web_metrics_add_up_both_workers_and_match_the_traffic_exactly(tmp_p
             traffic.send("/v1/models/digits-heavy:predict", ("digits-heavy", "1", "tfserving"), 1, json=DIGITS)
             if traffic.cache["HIT"]:
                 break
-        for _ in range(100):  # until both workers served (almost always at once)
-            if len(list(directory.glob("counter_*.db"))) >= 2:
+        for _ in range(100):  # until both workers served (almost always at once) and wrote their tallies
+            if len(list(directory.glob("tally-*.json"))) >= 2:
                 break
             traffic.send("/v1/models/iris:predict", ("iris", "1", "tfserving"), 8, json=IRIS)
+            time.sleep(0.2)
         for _ in range(3):
             assert requests.get(f"{url}/v1/models", timeout=10).status_code == 200
         submitted = [requests.post(f"{url}/v1/models/iris:submit", json=IRIS, timeout=10,
                                    headers={"X-Request-ID": f"metrics-test-{n}"} if n else {}) for n in range(3)]
         requests.post(f"{url}/v1/batch/items", json={"model": "iris", "instances": [[1, 2, 3, 4]] * 5}, timeout=10)
         assert requests.post(f"{url}/v1/batch/runs", json={"model": "iris"}, timeout=10).status_code == 202
-        samples = scrape(f"{url}/metrics")
-    assert len(list(directory.glob("counter_*.db"))) == 2
+        sent = sum(n for (_, _, _, status), n in traffic.statuses.items())
+        samples = scraped_once(f"{url}/metrics",  # the other worker's tally comes within a second
+                               lambda s: _answered(s) == sent)
+    assert len(list(directory.glob("tally-*.json"))) == 2
     _check_requests(samples, traffic)
     _check_other_routes_and_shared_gauges(samples)
     _check_web_log_lines(log, [answer.json()["job_id"] for answer in submitted])
+
+
+def _answered(samples: Samples) -> float:
+    """Every inference request the scrape counts."""
+    return sum(v for (name, _), v in samples.items() if name == "platform_inference_requests_total")
 
 
 def _check_requests(samples: Samples, traffic: Traffic) -> None:
@@ -266,9 +274,9 @@ def test_make_run_gives_every_worker_and_beat_a_port_and_a_directory_of_its_own(
 
 def test_metrics_off_adds_no_observer_and_no_endpoint(make_eager_app: Callable) -> None:
     off, on = make_eager_app(metrics=False), make_eager_app(metrics=True)
-    assert not any(isinstance(o, RequestMetrics) for o in off.extensions["dataplane"].observers)
+    assert not any(isinstance(o, Tally) for o in off.extensions["dataplane"].observers)
     assert off.test_client().get("/metrics").status_code == 404
-    assert any(isinstance(o, RequestMetrics) for o in on.extensions["dataplane"].observers)
+    assert any(isinstance(o, Tally) for o in on.extensions["dataplane"].observers)
     assert on.test_client().get("/metrics").status_code == 200
 
 
@@ -310,3 +318,29 @@ def test_the_lines_logged_while_the_data_plane_serves_say_which_request_model_an
     line = handler.lines[-1]
     assert answer.status_code == 200 and line["message"] == "served 200"
     assert (line["request_id"], line["model"], line["version"]) == ("dp-1", "iris", 1)
+
+
+def test_a_tally_puts_each_time_in_the_first_bucket_that_holds_it_and_counts_cumulatively() -> None:
+    from webapp.served import Served
+
+    tally = Tally(None, (0.1, 1.0))
+    for seconds in (0.1, 0.5, 2.0):
+        served = Served("iris", 1, "v2", status=200)
+        served.stages.update(decode=seconds, preprocess=0.0, model=0.0, encode=0.0)
+        tally(served)
+    tally(Served("nowhere", None, "v2", status=404))
+    text = generate_latest_of(tally)
+    decode = {"model": "iris", "version": "1", "protocol": "v2", "stage": "decode"}
+    assert [value(text, "platform_inference_stage_seconds_bucket", **decode, le=le) for le in ("0.1", "1.0", "+Inf")] \
+        == [1, 2, 3]
+    assert value(text, "platform_inference_stage_seconds_sum", **decode) == pytest.approx(2.6)
+    assert value(text, "platform_inference_requests_total", model="", version="", protocol="v2", status="404") == 1
+
+
+def generate_latest_of(collector: object) -> Samples:
+    """What a scrape of `collector` alone shows."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return parsed(generate_latest(registry).decode())

@@ -156,7 +156,7 @@ def test_a_mirror_whose_redis_hangs_drops_and_counts_what_its_queue_cannot_hold(
     with silent_redis() as url:
         client = redis.Redis.from_url(url, socket_timeout=1)
         mirror = Mirror(traffic, Experiments(client), create_celery(), capacity=1)
-        before = REGISTRY.get_sample_value("model_shadow_dropped_total", {"model": "iris"}) or 0.0
+        before = REGISTRY.get_sample_value("platform_shadow_dropped_total", {"model": "iris"}) or 0.0
         mirror(served(1))  # taken by the thread, which then waits on Redis
         deadline = time.monotonic() + 5
         while not mirror.queue.empty() and time.monotonic() < deadline:
@@ -164,7 +164,7 @@ def test_a_mirror_whose_redis_hangs_drops_and_counts_what_its_queue_cannot_hold(
         for _ in range(5):
             mirror(served(2))  # one fits the queue; the rest are dropped, and the caller never waits
         assert mirror.queue.qsize() == 1 and mirror.dropped == {"iris": 4}
-        assert REGISTRY.get_sample_value("model_shadow_dropped_total", {"model": "iris"}) == before + 4
+        assert REGISTRY.get_sample_value("platform_shadow_dropped_total", {"model": "iris"}) == before + 4
         mirror(served(1, model="iris-setosa"))  # not routed: not even looked at
         assert mirror.dropped == {"iris": 4}
         mirror.close()

@@ -97,6 +97,8 @@ def close_app(app: Flask) -> None:
     app.extensions["jobs"].close()
     app.extensions["cache"].close()
     app.extensions["auth"].close()
+    if "tally" in app.extensions:
+        app.extensions["tally"].close()
 
 
 def _settings(settings: Any, overrides: dict[str, Any]) -> Any:

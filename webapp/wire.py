@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import uuid
+import os
 import zlib
 from typing import Any
 
@@ -48,7 +48,8 @@ def json_object(data: bytes, max_values: int | None = None) -> dict[str, Any]:
     A body separating more than `max_values` values is refused before it is parsed: a few KB of gzip hold
     millions of tiny values, and the parser holds the interpreter, event loop included, while it builds them.
     """
-    if max_values is not None and _separators(data) > max_values:
+    # a body separates no more values than it has bytes: a small one needs no count
+    if max_values is not None and len(data) > max_values and _separators(data) > max_values:
         raise PayloadTooLarge(f"the body holds more than {max_values} values, more than a request to this model "
                               f"can carry")
     try:
@@ -133,4 +134,4 @@ def request_id(given: str) -> str:
     """The client's X-Request-ID, `given`, when it is short and printable, else a new one."""
     if given and len(given) <= 128 and given.isprintable() and given.isascii():
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
