@@ -335,8 +335,3 @@ def test_only_system_errors_and_memory_are_the_servers() -> None:
     assert not server_fault(OSError("image file is truncated (3 bytes not processed)"))
     assert not server_fault(SyntaxError("not a PNG file"))
     assert not server_fault(ValueError("broken data stream"))
-
-
-def test_the_runtime_uses_no_private_attribute() -> None:
-    sources = "".join(path.read_text() for path in PACKAGE_DIR.glob("*.py"))
-    assert "._sess" not in sources

@@ -13,7 +13,6 @@ from flask import Flask
 
 from models import Registry, Settings
 from tasks import TaskSettings, create_celery, db
-from tasks.data import DataStore
 from tasks.items import ItemStore
 from tasks.jobs import JobStore
 from tasks.lanes import BatchQueue
@@ -24,6 +23,7 @@ from webapp.auth import Auth, install
 from webapp.cache import PredictionCache
 from webapp.config import WebSettings
 from webapp.dataplane import DataPlane
+from webapp.datastore import DataStore
 from webapp.experiments import close as close_experiments
 from webapp.experiments import install as install_experiments
 from webapp.logs import install as install_logs

@@ -10,8 +10,8 @@ import numpy as np
 from flask import Blueprint, Response, current_app, request, url_for
 
 from models import ModelVersion, image, instances
-from tasks.data import DataStore
 from webapp import wire
+from webapp.datastore import DataStore
 from webapp.errors import BadRequest, PayloadTooLarge
 from webapp.repository import registry
 from webapp.responses import json_response

@@ -23,10 +23,10 @@ import sqlalchemy as sa
 import models
 from models import Registry, answer
 from tasks import logs
-from tasks.data import DataStore
 from webapp import data, v2_codec, wire
 from webapp.auth import Auth, Identity
 from webapp.cache import PredictionCache
+from webapp.datastore import DataStore
 from webapp.errors import status_of
 from webapp.served import AsAsked, Guard, Observer, Open, Served, Traffic
 

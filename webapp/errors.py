@@ -11,10 +11,10 @@ from flask import Flask, Response, current_app
 from werkzeug.exceptions import HTTPException
 
 import models
-from tasks.data import DataNotFound, StoreUnavailable
 from tasks.items import ItemNotFound
 from tasks.jobs import JobExpired, JobNotFound
 from tasks.runs import RunNotFound
+from webapp.datastore import DataNotFound, StoreUnavailable
 from webapp.responses import json_response
 
 log = logging.getLogger(__name__)
