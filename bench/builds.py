@@ -23,6 +23,11 @@ def checkout(commit: str) -> Path:
     return folder
 
 
+def current() -> dict[str, object]:
+    """The commit this working tree is on, and the files it changes: the build `ours` runs."""
+    return {"commit": _git("rev-parse", "HEAD").strip(), "changed": _git("status", "--porcelain").splitlines()}
+
+
 def _git(*args: str) -> str:
     done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
     if done.returncode != 0:

@@ -29,8 +29,8 @@ def medians(samples: Samples) -> Figures:
 
 
 def ratios(samples: Samples, comparisons: tuple[Comparison, ...], concurrencies: list[int]) -> Figures:
-    """Each comparison at each concurrency: the medians of the round-by-round throughput and p99 ratios, and of
-    each round's lowest and highest throughput ratio."""
+    """Each comparison at each concurrency: the medians of the round-by-round throughput and p99 ratios, the
+    lowest and highest throughput ratio, and every round's, in the order they were measured."""
     out = {}
     for comparison in comparisons:
         for c in concurrencies:
@@ -41,6 +41,7 @@ def ratios(samples: Samples, comparisons: tuple[Comparison, ...], concurrencies:
                 "p99": statistics.median(o.p99_ms / r.p99_ms for o, r in pairs),
                 "throughput_min": min(throughput),
                 "throughput_max": max(throughput),
+                "throughput_rounds": throughput,
             }
     return out
 

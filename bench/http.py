@@ -4,7 +4,8 @@ One run measures, in interleaved rounds so that a noisy shared machine weighs on
 predictions over keep-alive connections on loopback, at each concurrency: in-process onnxruntime (one intra-op
 thread); a loopback floor (bench/noop_app.py on our worker class); the FastAPI baseline
 (bench/fastapi_baseline.py); MLServer with an onnxruntime runtime, in its own environment; our platform
-(deploy/gunicorn.conf.py) on `:predict` and V2 `/infer`, with API keys off and, on a second server, on; and
+(deploy/gunicorn.conf.py) on `:predict` and V2 `/infer` as shipped, with everything off (API keys, metrics),
+with everything on (API keys, metrics, a prediction log of 1% of iris predictions), and as shipped on h11; and
 the build before the web tier's redesign, checked out under var/. Every server has 2 workers.
 
 Run it as a module from the repository root (`python -m bench.http --help`); see bench/README.md.
@@ -19,7 +20,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from bench import figures, mlserver, report
+from bench import builds, evidence, figures, mlserver, report
 from bench.inprocess import InProcess
 from bench.load import Generator, pick_generator
 from bench.sample import Sample
@@ -31,10 +32,6 @@ def measure(args: argparse.Namespace, generate: Generator, servers: dict[str, Ru
             targets: tuple[Target, ...], inprocess: InProcess) -> dict[str, list[Sample]]:
     """Run every point once per round, rotating the order of the targets from round to round."""
     samples: dict[str, list[Sample]] = {}
-    for target in targets:
-        if args.warmup:
-            running = servers[target.server]
-            generate(running.url + target.path, target.body, running.headers, max(args.concurrency), args.warmup)
     for round_ in range(args.rounds):
         print(f"round {round_ + 1}/{args.rounds}", flush=True)
         sample = inprocess.measure(args.duration)
@@ -52,6 +49,14 @@ def measure(args: argparse.Namespace, generate: Generator, servers: dict[str, Ru
     return samples
 
 
+def warm_up(args: argparse.Namespace, generate: Generator, servers: dict[str, Running],
+            targets: tuple[Target, ...]) -> None:
+    """Load every route for `--warmup` seconds at the highest concurrency, untimed."""
+    for target in targets if args.warmup else ():
+        running = servers[target.server]
+        generate(running.url + target.path, target.body, running.headers, max(args.concurrency), args.warmup)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Read the command line."""
     parser = argparse.ArgumentParser(prog="python -m bench.http", description=__doc__.split("\n\n")[0])
@@ -63,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip", type=_servers, default=set(),
                         help=f"comma-separated servers to leave out, of {', '.join(SERVERS)}")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/6",
-                        help="Redis for our servers (the keyed one counts its rate there; nothing is flushed)")
+                        help="Redis for our servers (the `full` one counts its keys' rate and logs predictions there; "
+                             "nothing is flushed)")
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto",
                         help="load generator: wrk, the Python one, or (default) wrk above one connection and the "
                              "Python one at one (it times by the monotonic clock)")
@@ -98,7 +104,7 @@ def print_figures(args: argparse.Namespace, generator: str, document: dict, targ
     print(f"\nmedians of {args.rounds} rounds x {args.duration} s, generator {generator}\n")
     print(report.text_table(points, report.POINT_HEADER) + "\n")
     print(report.text_table(ratios, report.RATIO_HEADER) + "\n")
-    print("\n".join(report.warnings(document["summary"])))
+    print("\n".join(report.warnings(document["summary"]) + evidence.lines(document["observed"])) + "\n")
     print(report.markdown_table(points, report.POINT_HEADER) + "\n")
     print(report.markdown_table(ratios, report.RATIO_HEADER) + "\n")
 
@@ -107,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     """Run the benchmark, print the tables and write the JSON results."""
     args = parse_args(argv)
     targets, comparisons = chosen(args.skip)
-    when = datetime.datetime.now().astimezone()
+    when, build = datetime.datetime.now().astimezone(), builds.current()
     inprocess = InProcess()
     with tempfile.TemporaryDirectory(prefix="bench-http-") as scratch:
         generate, generator = pick_generator(args, Path(scratch))
@@ -117,16 +123,20 @@ def main(argv: list[str] | None = None) -> None:
         names = list(dict.fromkeys(t.server for t in targets))
         with running_servers(names, targets, Path(scratch), args.redis_url) as servers:
             check_answers(servers, targets, inprocess.probabilities())
+            evidence.check_metrics(servers)
+            warm_up(args, generate, servers, targets)
+            before = evidence.counts(servers, args.redis_url)
             samples = measure(args, generate, servers, targets, inprocess)
+            observed = evidence.observed(servers, samples, targets, before, args.redis_url)
     summary = figures.medians(samples)
     document = {
         "date": when.isoformat(timespec="seconds"),
         "settings": {**vars(args), "skip": sorted(args.skip), "workers": WORKERS, "old_build": OLD_BUILD,
                      "mlserver": list(mlserver.PINS)},
-        "environment": report.environment(generator), "summary": summary,
+        "environment": {**report.environment(generator), "build": build}, "summary": summary,
         "ratios": figures.ratios(samples, comparisons, args.concurrency),
         "overhead": figures.overheads(summary),
-        "floor_p50_above_ms": figures.above_floor(samples, targets, args.concurrency),
+        "floor_p50_above_ms": figures.above_floor(samples, targets, args.concurrency), "observed": observed,
         "samples": {name: [asdict(s) for s in runs] for name, runs in samples.items()},
     }
     print_figures(args, generator, document, targets, comparisons)

@@ -15,7 +15,7 @@ from bench.targets import CONTRACT_CONCURRENCY, Comparison, Target, key
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POINT_HEADER = ["server", "c", "req/s", "p50 ms", "p99 ms", "p50 above floor ms"]
-RATIO_HEADER = ["comparison", "c", "req/s ratio", "rounds' range", "p99 ratio", "target", "verdict"]
+RATIO_HEADER = ["comparison", "c", "req/s ratio", "rounds' range", "per round", "p99 ratio", "target", "verdict"]
 
 
 def rows(summary: Figures, gaps: dict[str, float], targets: tuple[Target, ...],
@@ -38,9 +38,11 @@ def ratio_rows(found: Figures, comparisons: tuple[Comparison, ...], concurrencie
     for comparison in comparisons:
         for c in concurrencies:
             ratio = found[key(comparison.name, c)]
-            table.append([comparison.name, str(c), f"{ratio['throughput']:.2f}x",
-                          f"{ratio['throughput_min']:.2f}-{ratio['throughput_max']:.2f}x", f"{ratio['p99']:.2f}x",
-                          target_text(comparison), verdict(comparison, ratio) if c == CONTRACT_CONCURRENCY else ""])
+            rounds = " ".join(f"{r:.2f}" for r in ratio["throughput_rounds"])
+            table.append([comparison.title, str(c), f"{ratio['throughput']:.2f}x",
+                          f"{ratio['throughput_min']:.2f}-{ratio['throughput_max']:.2f}x", rounds,
+                          f"{ratio['p99']:.2f}x", target_text(comparison),
+                          verdict(comparison, ratio) if c == CONTRACT_CONCURRENCY else ""])
     return table
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,45 +27,72 @@ WORKERS = 2
 GUNICORN = [sys.executable, "-m", "gunicorn"]
 QUIET = {"LOG_LEVEL": "warning", "ORT_INTRA_OP_THREADS": "1"}
 NEVER_REFUSED = "1000000000/second"
-"""The rate of the keyed server's key (and its RATE_LIMIT): taken from Redis in leases, never reached."""
+"""The rate of the `full` server's keys (and its RATE_LIMIT): taken from Redis in leases, never reached."""
+LOG_RATE = 0.01
+"""The share of iris predictions the `full` server records in the prediction log."""
+CHOSEN = ("API_KEYS", "METRICS", "MODELS_DIR", "PROMETHEUS_MULTIPROC_DIR", "RATE_LIMIT", "PREDICTION_LOG_MAXLEN")
+"""Settings the servers are compared on: never inherited from the benchmark's environment, so `ours` runs on
+the defaults and each other server on what it sets."""
 
 
 @dataclass(frozen=True)
 class Server:
-    """How to start one server, and the headers every request to it carries."""
+    """How to start one server, the headers every request to it carries, and those that may read its metrics."""
 
     argv: list[str]
     env: dict[str, str]
     cwd: Path = ROOT
     headers: dict[str, str] = field(default_factory=dict)
+    admin: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Running:
-    """A started server: its base URL and the headers every request to it carries."""
+    """A started server: its base URL, the headers every request to it carries, and those that may read its
+    metrics."""
 
     url: str
     headers: dict[str, str]
+    admin: dict[str, str] = field(default_factory=dict)
 
 
 def ours(port: int, scratch: Path, redis_url: str, **env: str) -> Server:
-    """Our platform, with deploy/gunicorn.conf.py, its state in `scratch` and on `redis_url`."""
-    settings = {"BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": str(WORKERS), "API_KEYS": "off",
-                "REDIS_URL": redis_url, "DATABASE_URL": f"sqlite:///{scratch / 'platform.db'}"}
+    """Our platform as shipped, with deploy/gunicorn.conf.py and the defaults, its state in `scratch` and on
+    `redis_url`: metrics on, API keys `auto` (off: loopback and no key), the committed models (no prediction log)."""
+    settings = {"BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": str(WORKERS), "REDIS_URL": redis_url,
+                "DATABASE_URL": f"sqlite:///{scratch / 'platform.db'}"}
     return Server([*GUNICORN, "-c", str(ROOT / "deploy" / "gunicorn.conf.py")], {**settings, **env})
 
 
-def keyed(port: int, scratch: Path, redis_url: str) -> Server:
-    """Our platform with API keys on and a key made for the run, with a rate never reached, in a scratch database
-    of its own (deleted with the run's scratch folder: a key never lands in a shared database)."""
-    server = ours(port, scratch, redis_url, API_KEYS="on", RATE_LIMIT=NEVER_REFUSED,
-                  DATABASE_URL=f"sqlite:///{scratch / 'keys.db'}")
-    token = api_key(server.env)
-    return Server(server.argv, server.env, headers={"Authorization": f"Bearer {token}"})
+def bare(port: int, scratch: Path, redis_url: str) -> Server:
+    """Our platform with everything that costs a request off: API keys, metrics (the committed models log
+    nothing)."""
+    return ours(port, scratch, redis_url, API_KEYS="off", METRICS="off")
+
+
+def full(port: int, scratch: Path, redis_url: str) -> Server:
+    """Our platform with everything on: API keys, a key made for the run with a rate never reached, in a scratch
+    database of its own (deleted with the run's scratch folder: a key never lands in a shared database);
+    metrics; and a copy of the model repository whose iris logs 1% of its predictions to `redis_url`."""
+    server = ours(port, scratch, redis_url, API_KEYS="on", METRICS="on", RATE_LIMIT=NEVER_REFUSED,
+                  DATABASE_URL=f"sqlite:///{scratch / 'keys.db'}",
+                  MODELS_DIR=str(logged_repository(scratch / "models")))
+    headers = {"Authorization": f"Bearer {api_key(server.env, 'predict')}"}
+    return Server(server.argv, server.env, headers=headers,
+                  admin={"Authorization": f"Bearer {api_key(server.env, 'admin')}"})
+
+
+def logged_repository(folder: Path) -> Path:
+    """A model repository in `folder` holding a copy of the committed iris whose spec logs `LOG_RATE` of its
+    predictions."""
+    shutil.copytree(ROOT / "models" / "iris", folder / "iris")
+    with open(folder / "iris" / "model.toml", "a") as spec:
+        spec.write(f"\n[monitoring]\nlog_rate = {LOG_RATE}\n")
+    return folder
 
 
 def h11(port: int, scratch: Path, redis_url: str) -> Server:
-    """Our platform on uvicorn's h11 protocol in place of httptools (bench/h11_worker.py)."""
+    """Our platform as shipped on uvicorn's h11 protocol in place of httptools (bench/h11_worker.py)."""
     server = ours(port, scratch, redis_url)
     return Server([*server.argv, "-k", "bench.h11_worker.H11WebWorker"], server.env)
 
@@ -97,10 +125,10 @@ def mlserver_(port: int, scratch: Path) -> Server:
     return Server(argv, env, cwd)
 
 
-def api_key(env: dict[str, str]) -> str:
-    """A new key with the `predict` scope and a rate never reached, in the server's database, made by
+def api_key(env: dict[str, str], scope: str) -> str:
+    """A new key with `scope` and a rate never reached, in the server's database, made by
     `python -m webapp.keys`."""
-    argv = [sys.executable, "-m", "webapp.keys", "create", "--scope", "predict", "--name", "bench-http",
+    argv = [sys.executable, "-m", "webapp.keys", "create", "--scope", scope, "--name", f"bench-http-{scope}",
             "--rate", NEVER_REFUSED]
     done = subprocess.run(argv, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)
     if done.returncode != 0:
@@ -110,8 +138,8 @@ def api_key(env: dict[str, str]) -> str:
 
 def server(name: str, port: int, scratch: Path, redis_url: str) -> Server:
     """How to start the server called `name`."""
-    if name in ("ours", "keys", "h11", "old"):
-        return {"ours": ours, "keys": keyed, "h11": h11, "old": old}[name](port, scratch, redis_url)
+    if name in ("ours", "bare", "full", "h11", "old"):
+        return {"ours": ours, "bare": bare, "full": full, "h11": h11, "old": old}[name](port, scratch, redis_url)
     if name == "mlserver":
         return mlserver_(port, scratch)
     return floor(port) if name == "floor" else fastapi(port)
@@ -127,14 +155,19 @@ def running_servers(names: list[str], targets: tuple[Target, ...], scratch: Path
             port = free_port()
             spec = server(name, port, scratch, redis_url)
             log = stack.enter_context(open(scratch / f"{name}.log", "wb"))
-            process = subprocess.Popen(spec.argv, cwd=spec.cwd, env={**os.environ, **QUIET, **spec.env},
+            process = subprocess.Popen(spec.argv, cwd=spec.cwd, env={**inherited(), **QUIET, **spec.env},
                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             stack.callback(stop, process)
-            started[name] = Running(f"http://127.0.0.1:{port}", spec.headers)
+            started[name] = Running(f"http://127.0.0.1:{port}", spec.headers, spec.admin)
         for target in targets:
             running = started[target.server]
             wait_until_answering(running, target, scratch / f"{target.server}.log")
         yield started
+
+
+def inherited() -> dict[str, str]:
+    """The benchmark's environment without the settings the servers are compared on."""
+    return {k: v for k, v in os.environ.items() if k not in CHOSEN}
 
 
 def free_port() -> int:

@@ -36,6 +36,8 @@ class Comparison:
 
     ours: str
     reference: str
+    title: str
+    """What the comparison measures, as the tables show it."""
     min_throughput: float | None = None
     max_p99: float | None = None
 
@@ -48,22 +50,29 @@ TARGETS = (
     Target("floor", "loopback floor (no-op ASGI)", "floor", "/", FASTAPI_BODY, "floor"),
     Target("fastapi", "FastAPI + onnxruntime", "fastapi", "/predict", FASTAPI_BODY, "fastapi"),
     Target("mlserver", f"MLServer {MLSERVER_VERSION}, V2 /infer", "mlserver", V2_PATH, V2_BODY, "v2"),
-    Target("ours-v1", "ours, :predict", "ours", V1_PATH, V1_BODY, "v1"),
-    Target("ours-v2", "ours, V2 /infer", "ours", V2_PATH, V2_BODY, "v2"),
-    Target("ours-v1-keys", "ours, :predict, API keys on", "keys", V1_PATH, V1_BODY, "v1"),
-    Target("ours-v1-h11", "ours, :predict, h11 protocol", "h11", V1_PATH, V1_BODY, "v1"),
+    Target("ours-v1", "ours (defaults), :predict", "ours", V1_PATH, V1_BODY, "v1"),
+    Target("ours-v2", "ours (defaults), V2 /infer", "ours", V2_PATH, V2_BODY, "v2"),
+    Target("bare-v1", "all off, :predict", "bare", V1_PATH, V1_BODY, "v1"),
+    Target("bare-v2", "all off, V2 /infer", "bare", V2_PATH, V2_BODY, "v2"),
+    Target("full-v1", "all on, :predict", "full", V1_PATH, V1_BODY, "v1"),
+    Target("full-v2", "all on, V2 /infer", "full", V2_PATH, V2_BODY, "v2"),
+    Target("h11-v1", "ours (defaults), :predict, h11", "h11", V1_PATH, V1_BODY, "v1"),
     Target("old-v1", f"old build {OLD_BUILD}, :predict", "old", V1_PATH, V1_BODY, "v1"),
     Target("old-v2", f"old build {OLD_BUILD}, V2 /infer", "old", V2_PATH, V2_BODY, "v2"),
 )
+"""`ours` is the platform as shipped (metrics on, API keys `auto`: off on loopback without keys, no prediction
+log); `bare` has keys and metrics off; `full` has keys and metrics on and logs 1% of iris predictions."""
 COMPARISONS = (
-    Comparison("ours-v1", "fastapi", min_throughput=1.0, max_p99=1.0),
-    Comparison("ours-v2", "fastapi", min_throughput=1.0, max_p99=1.0),
-    Comparison("ours-v1", "mlserver", min_throughput=3.0),
-    Comparison("ours-v2", "mlserver", min_throughput=3.0),
-    Comparison("ours-v1-keys", "ours-v1", min_throughput=0.9),
-    Comparison("ours-v1", "ours-v1-h11"),
-    Comparison("ours-v1", "old-v1"),
-    Comparison("ours-v2", "old-v2"),
+    Comparison("ours-v1", "fastapi", "ours :predict / FastAPI", min_throughput=1.0, max_p99=1.0),
+    Comparison("ours-v2", "fastapi", "ours /infer / FastAPI", min_throughput=1.0, max_p99=1.0),
+    Comparison("ours-v1", "mlserver", "ours :predict / MLServer", min_throughput=3.0),
+    Comparison("ours-v2", "mlserver", "ours /infer / MLServer", min_throughput=3.0),
+    Comparison("full-v1", "bare-v1", "all on / all off, :predict", min_throughput=0.9),
+    Comparison("full-v2", "bare-v2", "all on / all off, /infer", min_throughput=0.9),
+    Comparison("ours-v1", "bare-v1", "ours (metrics on) / all off, :predict"),
+    Comparison("ours-v1", "h11-v1", "ours :predict, httptools / h11"),
+    Comparison("bare-v1", "old-v1", "all off / old build, :predict"),
+    Comparison("bare-v2", "old-v2", "all off / old build, /infer"),
 )
 SERVERS = tuple(dict.fromkeys(t.server for t in TARGETS))
 
