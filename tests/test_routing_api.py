@@ -104,17 +104,28 @@ def test_routing_written_into_a_spec_while_serving_takes_effect_at_the_next_scan
     assert served_by(client) == ("iris", "1")  # version 2 of the split is absent: its share goes to the others
 
 
-def test_the_batch_latency_class_is_sent_to_submit_and_queued_there(client: FlaskClient):
+def test_the_batch_latency_class_is_queued_as_a_job_of_the_version_chosen(client: FlaskClient):
     body = {"instances": [SETOSA, [6.3, 3.3, 6.0, 2.5]]}
-    sent = client.post("/v1/models/iris:predict", json=body, headers={"X-Latency-Class": "batch", "X-User-ID": "u1"})
+    queued = client.post("/v1/models/iris:predict", json=body, headers={"X-Latency-Class": "batch", "X-User-ID": "u1"})
     version = served_by(client, **{"X-User-ID": "u1"})[1]
-    assert sent.status_code == 307 and sent.headers["Location"] == f"/v1/models/iris/versions/{version}:submit"
-    assert "queued" in sent.get_json()["error"]
-    queued = client.post(sent.headers["Location"], json=body)  # what an HTTP client following a 307 sends
-    assert queued.status_code == 202  # run by a real worker in test_routing_live
-    assert client.get(queued.get_json()["status_url"]).get_json()["version"] == int(version)
+    assert queued.status_code == 202, queued.get_json()  # run by a real worker in test_routing_live
+    job = queued.get_json()
+    assert queued.headers["Location"] == job["status_url"] == f"/v1/jobs/{job['job_id']}"
+    assert client.get(job["status_url"]).get_json()["version"] == int(version)
     inline = client.post("/v1/models/iris:predict", json=body, headers={"X-Latency-Class": "inline"})
     assert inline.status_code == 200
+
+
+def test_a_queued_request_is_checked_before_it_is_queued(client: FlaskClient):
+    batch = {"X-Latency-Class": "batch"}
+    short = client.post("/v1/models/iris:predict", json={"instances": [[1.0]]}, headers=batch)
+    assert short.status_code == 400 and "error" in short.get_json()
+    hook = client.post("/v1/models/iris:predict", json={"instances": [SETOSA], "callback_url": "ftp://x"},
+                       headers=batch)
+    assert hook.status_code == 400 and "callback_url" in hook.get_json()["error"]
+    v2 = {"inputs": [{"name": "features", "shape": [1, 4], "datatype": "FP32", "data": SETOSA}]}
+    queued = client.post("/v2/models/iris/infer", json=v2, headers=batch)
+    assert queued.status_code == 202 and client.get(queued.get_json()["status_url"]).status_code == 200
 
 
 def test_the_experiments_report_counts_each_arm(client: FlaskClient):

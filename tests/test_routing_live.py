@@ -154,9 +154,8 @@ def test_the_batch_latency_class_is_queued_as_a_job_a_worker_runs(web: str):
     body = {"instances": [SETOSA, [6.3, 3.3, 6.0, 2.5]]}
     headers = {"X-Latency-Class": "batch", "X-User-ID": "user-7"}
     queued = requests.post(f"{web}/v1/models/iris:predict", json=body, headers=headers, timeout=10)
-    assert [r.status_code for r in queued.history] == [307] and queued.status_code == 202, queued.text
+    assert queued.status_code == 202 and not queued.history, queued.text
     version = 2 if bucket("iris", "user-7") >= 0.8 else 1
-    assert queued.history[0].headers["Location"] == f"/v1/models/iris/versions/{version}:submit"
     deadline, job = time.monotonic() + 30, {}
     while time.monotonic() < deadline and job.get("status") not in ("succeeded", "failed"):
         job = requests.get(f"{web}{queued.json()['status_url']}", timeout=10).json()

@@ -92,13 +92,12 @@ def test_a_sticky_split_gives_one_client_one_version_and_ties_no_two_models():
     assert abs(np.corrcoef(np.array(points).T)[0, 1]) < 0.1  # one user's arms in two experiments are not tied
 
 
-def test_the_batch_latency_class_is_sent_to_the_submit_of_the_version_chosen():
+def test_the_batch_latency_class_is_queued_for_the_version_chosen():
     queued = plan(sticky="x-user-id", queue_batch=True)
     with pytest.raises(Queued) as caught:
         queued.choose(None, {"x-latency-class": " Batch ", "x-user-id": "u"})
     version = queued.choose(None, {"x-user-id": "u"})[1]
-    assert caught.value.status == 307
-    assert caught.value.headers == {"Location": f"/v1/models/iris/versions/{version}:submit"}
+    assert (caught.value.model, caught.value.version) == ("iris", version)
     assert queued.choose(None, {"x-latency-class": "inline", "x-user-id": "u"}) == ("iris", version)
     assert plan().choose(None, {"x-latency-class": "batch"})[0] == "iris"  # a model that does not queue
 

@@ -62,6 +62,9 @@ def create_app(test_config: Mapping[str, Any] | None = None) -> Flask:
     cache = app.extensions["cache"]
     app.extensions["dataplane"] = DataPlane(registry, web_settings.max_request_bytes, auth,
                                             cache if web_settings.prediction_cache else None, app.extensions["data"])
+    extensions = app.extensions
+    extensions["enqueue"] = jobs.Enqueue(extensions["celery"], extensions["jobs"], extensions["batches"])
+    app.extensions["dataplane"].enqueue = app.extensions["enqueue"]  # the batch latency class, queued as jobs
     guard.install(app)
     install_experiments(app, app.extensions["dataplane"], task_settings.redis_url)  # [routing]: A/B, shadows
     install_monitoring(app, engine, task_settings.redis_url)  # [monitoring]: the prediction log, drift

@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import orjson
 import redis
@@ -29,6 +29,7 @@ from webapp.cache import PredictionCache
 from webapp.datastore import DataStore
 from webapp.errors import status_of
 from webapp.served import AsAsked, Guard, Observer, Open, Served, Traffic
+from webapp.traffic import Queued
 
 log = logging.getLogger(__name__)
 Reply = tuple[int, bytes, str, dict[str, str]]
@@ -42,6 +43,13 @@ INLINE_MAX_BYTES = 16 * 1024
 """Uncompressed bodies up to this size, for a model with no image input and no cache, are answered on the event
 loop: short, CPU-bound work (well under a millisecond) that a thread hand-off would cost more than. Anything
 else runs on a thread."""
+
+
+class Enqueue(Protocol):
+    """Queues a prediction as a job; the body and headers of its 202 answer (`webapp.jobs.Enqueue`)."""
+
+    def __call__(self, found: models.ModelVersion, inputs: dict, rows: bool, callback: str | None,
+                 request_id: str) -> tuple[dict, dict[str, str]]: ...
 
 
 class Call(NamedTuple):
@@ -78,6 +86,8 @@ class DataPlane:
         self.traffic: Traffic = AsAsked()
         self.guard: Guard = Open()
         self.observers: list[Observer] = []
+        self.enqueue: Enqueue | None = None
+        """What queues a request of the batch latency class as a job (`webapp.jobs.Enqueue`); None: none is."""
 
     def route(self, path: str) -> Route | None:
         """The inference route of `path`, or None for any other path."""
@@ -120,11 +130,31 @@ class DataPlane:
             if running is not found:  # the guard sent the request to the model's fallback
                 served.fallback = running.name
                 reply = (*reply[:3], {**reply[3], "X-Fallback": running.name})
+        except Queued as queued:
+            reply = self._queue(route, call, served, queued) if self.enqueue else _failed(route, queued)
         except Exception as exc:
             reply = _failed(route, exc)
         served.status = reply[0]
         self._tell(served)
         return reply
+
+    def _queue(self, route: Route, call: Call, served: Served, queued: Queued) -> Reply:
+        """Queue a request of the batch latency class as a job of the version chosen: 202 with the job, as
+        `:submit` answers (a V2 request's job keeps its outputs by name, as columns)."""
+        try:
+            found = self.registry.get(queued.model, queued.version)
+            served.model, served.version = found.name, found.number
+            if route.protocol == "v2":
+                inputs, rows, callback = v2_codec.parse(self._body(call, True), call.header_length, found).inputs, \
+                    False, None
+            else:
+                body = wire.json_object(self._body(call, binary_ok=False), found.spec.max_request_values)
+                callback = body.pop("callback_url", None)
+                inputs, rows = data.parse(self.stored, found, body)
+            job, headers = self.enqueue(found, inputs, rows, wire.callback_url(callback), call.request_id)
+        except Exception as exc:
+            return _failed(route, exc)
+        return 202, orjson.dumps(job), JSON, headers
 
     def _tell(self, served: Served) -> None:
         """Tell each observer what was served; one that fails is logged, and never fails the request."""

@@ -5,11 +5,14 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from flask import Blueprint, Response, current_app, request, url_for
+from celery import Celery
+from flask import Blueprint, Response, current_app, request
 
 import models
 from models import instances
 from tasks import submission
+from tasks.jobs import JobStore
+from tasks.lanes import BatchQueue
 from webapp import data, ensembles, guard, wire
 from webapp.errors import BadRequest, Conflict
 from webapp.repository import registry, store
@@ -17,6 +20,25 @@ from webapp.responses import json_response
 
 bp = Blueprint("jobs", __name__)
 log = logging.getLogger(__name__)
+
+
+class Enqueue:
+    """Queues a prediction as a job of a model version: for `:submit`, and for the data plane's batch latency
+    class (`X-Latency-Class: batch` to a model whose routing queues it)."""
+
+    def __init__(self, celery: Celery, jobs: JobStore, batches: BatchQueue | None):
+        self.celery, self.jobs, self.batches = celery, jobs, batches
+
+    def __call__(self, found: models.ModelVersion, inputs: dict[str, np.ndarray], rows: bool,
+                 callback: str | None, request_id: str) -> tuple[dict, dict[str, str]]:
+        """Queue the job (429 past the version's queue limit); the body and headers of its 202 answer."""
+        models.prepare(found, inputs, images=False)
+        guard.check_queue(self.jobs, self.batches, found, inputs)
+        job = submission.submit(self.celery, self.jobs, self.batches, found, inputs, "rows" if rows else "columns",
+                                callback, request_id)
+        log.info("request %s: job %s queued for %s version %d", request_id, job.id, found.name, found.number)
+        location = f"/v1/jobs/{job.id}"
+        return {"job_id": job.id, "status_url": location}, {"Location": location, "X-Request-ID": request_id}
 
 
 @bp.post("/v1/models/<model:name>:submit")
@@ -30,15 +52,9 @@ def submit(name: str, version: int | None = None) -> Response:
         body = wire.json_object(wire.read(request), found.spec.max_request_values)
         callback = body.pop("callback_url", None)
         inputs, rows = data.parse(current_app.extensions["data"], found, body)  # or stored inputs, by id
-    models.prepare(found, inputs, images=False)
-    rid, extensions = wire.request_id(request.headers.get("X-Request-ID", "")), current_app.extensions
-    guard.check_queue(store(), extensions["batches"], found, inputs)
-    job = submission.submit(extensions["celery"], store(), extensions["batches"], found, inputs,
-                            "rows" if rows else "columns", wire.callback_url(callback), rid)
-    log.info("request %s: job %s queued for %s version %d", rid, job.id, found.name, found.number)
-    location = url_for("jobs.status", job_id=job.id)
-    headers = {"Location": location, "X-Request-ID": rid}
-    return json_response({"job_id": job.id, "status_url": location}, 202, headers)
+    rid = wire.request_id(request.headers.get("X-Request-ID", ""))
+    job, headers = current_app.extensions["enqueue"](found, inputs, rows, wire.callback_url(callback), rid)
+    return json_response(job, 202, headers)
 
 
 @bp.get("/v1/jobs/<job_id>")

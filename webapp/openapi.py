@@ -77,8 +77,10 @@ def document() -> dict[str, Any]:
     }
     _versioned(paths, "/v1/models/{name}", _get("Model version status", obj, 404, 503))
     _versioned(paths, "/v1/models/{name}", _get("Signature metadata", obj, 404), "/metadata")
-    _versioned(paths, "/v1/models/{name}", _post("Predict (TF Serving REST)", _schema("TFPredict"), obj),
-               ":predict")
+    queued = _json(_schema("JobAccepted"), "the batch latency class (X-Latency-Class: batch), queued as a job")
+    predict = _post("Predict (TF Serving REST)", _schema("TFPredict"), obj)
+    predict["post"]["responses"]["202"] = queued
+    _versioned(paths, "/v1/models/{name}", predict, ":predict")
     submit = _post("Queue a prediction (a job)", _schema("JobSubmit"), _schema("JobAccepted"), status="202")
     submit["post"]["requestBody"]["content"]["multipart/form-data"] = {"schema": {
         "type": "object", "description": "image files, one instance each, for a model with one image input",
@@ -102,8 +104,9 @@ def document() -> dict[str, Any]:
     _operations(paths)
     _versioned(paths, "/v2/models/{name}", _get("Model metadata", obj, 404))
     _versioned(paths, "/v2/models/{name}", _get("Model readiness", obj, 404, 503), "/ready")
-    _versioned(paths, "/v2/models/{name}", _post("Infer (Open Inference Protocol V2)", _schema("V2Infer"),
-                                                 _schema("V2Response"), binary=True), "/infer")
+    infer = _post("Infer (Open Inference Protocol V2)", _schema("V2Infer"), _schema("V2Response"), binary=True)
+    infer["post"]["responses"]["202"] = queued
+    _versioned(paths, "/v2/models/{name}", infer, "/infer")
     return {
         "openapi": "3.1.0",
         "info": {"title": "ML serving platform", "version": "0.1.0"},

@@ -5,8 +5,9 @@ A request naming a version is served by it. Otherwise the first rule whose heade
 and version; else the split picks an arm: by a stable hash of the sticky header's value, so one client always
 sees one version, or at random without it. The choice is made from headers alone, before the body is read, so
 it never costs a parse and the data plane knows at once how to serve the request. A routed model that queues
-its batch latency class answers a request with `X-Latency-Class: batch` 307, its `Location` the `:submit` of the
-version chosen, where the same body is queued as a job. A model without `[routing]` costs one dict lookup.
+its batch latency class has a request with `X-Latency-Class: batch` queued as a job of the version chosen
+(`Queued`): the data plane answers 202 with the job, as `:submit` does. A model without `[routing]` costs one
+dict lookup.
 """
 
 from __future__ import annotations
@@ -31,18 +32,15 @@ Choice = tuple[str, int | None]
 
 
 class Queued(RequestError, models.ModelError):
-    """A request of the batch latency class, to be sent again to `:submit` (307, `Location`).
+    """A request of the batch latency class: the data plane queues it as a job of `model`/`version` and answers
+    202 (`DataPlane.enqueue`). A ModelError, so the data plane never answers it on the event loop."""
 
-    A ModelError too: the data plane then never answers it on the event loop, where only cheap work runs.
-    """
-
-    status = 307
+    status = 503
+    """The status where no job queue is at hand to take it."""
 
     def __init__(self, model: str, version: int | None):
-        location = f"/v1/models/{model}{'' if version is None else f'/versions/{version}'}:submit"
-        super().__init__(f"the batch latency class is queued: send this request to {location}, which answers "
-                         "202 with its job")
-        self.headers = {"Location": location}
+        super().__init__(f"model {model!r}: the batch latency class is queued, and this server queues no jobs")
+        self.model, self.version = model, version
 
 
 @dataclass(frozen=True)
